@@ -1,0 +1,69 @@
+"""Audio loading without torchcodec: soundfile (libsndfile 1.2 reads wav/flac/ogg/mp3) + torchaudio resampling.
+
+``torchaudio.load`` needs torchcodec since torchaudio 2.9, so every reader in this project goes through here.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from common.io import UserError
+
+# Formats whose header frame count is exact; others (mp3) are decoded to count samples.
+_EXACT_HEADER = {".wav", ".flac", ".ogg", ".aiff", ".aif"}
+
+
+def audio_info(path: str | os.PathLike) -> tuple[int, int]:
+    """(num_samples, sample_rate) of an audio file. Raises ``UserError`` when it cannot be read."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in _EXACT_HEADER:
+            info = sf.info(str(path))
+            return int(info.frames), int(info.samplerate)
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        return int(data.shape[0]), int(sr)
+    except (sf.LibsndfileError, RuntimeError, OSError, TypeError) as err:
+        raise UserError(f"{path}: cannot read audio ({err}); convert it to 16-bit PCM WAV") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _resampler(orig: int, new: int):
+    import torchaudio
+
+    return torchaudio.transforms.Resample(orig, new)
+
+
+def resample(wav: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
+    """Resample a 1-D or [C, N] float tensor; no-op when the rates match."""
+    if orig_sr == new_sr:
+        return wav
+    return _resampler(int(orig_sr), int(new_sr))(wav)
+
+
+def load_audio(path: str | os.PathLike, target_sr: int | None = None) -> tuple[torch.Tensor, int]:
+    """Mono float32 waveform (1-D tensor) and its sample rate, resampled to ``target_sr`` if given."""
+    path = Path(path)
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, OSError, TypeError) as err:
+        raise UserError(f"{path}: cannot read audio ({err}); convert it to 16-bit PCM WAV") from None
+    wav = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))
+    if target_sr is not None and sr != target_sr:
+        wav = resample(wav, sr, target_sr)
+        sr = target_sr
+    return wav, int(sr)
+
+
+def write_wav(path: str | os.PathLike, wav, sample_rate: int) -> None:
+    """Write 16-bit PCM WAV atomically."""
+    from common.io import atomic_path
+
+    if isinstance(wav, torch.Tensor):
+        wav = wav.detach().cpu().numpy()
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), np.asarray(wav), int(sample_rate), subtype="PCM_16", format="WAV")
