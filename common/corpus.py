@@ -72,7 +72,7 @@ def read_matcha(corpus: Path, metadata: Path | None, wav_dir: Path | None, langu
         where = f"{metadata}:{n}"
         rel, spk, lang, text = _fields(line, 4, where, "rel_path|spk_id|language|text")
         rel = rel[:-4] if rel.lower().endswith(".wav") else rel
-        wav = safe_join(wav_dir, rel + ".wav", where)
+        wav = safe_join(wav_dir, rel, where).with_name(Path(rel).name + ".wav")
         out.append(Record(rel, wav, spk or "0", lang or language, text, where))
     return _check_unique(out)
 
@@ -84,7 +84,7 @@ def read_ljspeech(corpus: Path, metadata: Path | None, wav_dir: Path | None, lan
     for n, line in _lines(metadata):
         where = f"{metadata}:{n}"
         uid, text, norm = _fields(line, 3, where, "id|text|normalized_text")
-        wav = safe_join(wav_dir, uid + ".wav", where)
+        wav = safe_join(wav_dir, uid, where).with_name(Path(uid).name + ".wav")
         out.append(Record(uid, wav, "0", language, norm or text, where))
     return _check_unique(out)
 

@@ -234,7 +234,8 @@ def main(argv=None) -> int:
     if a.validation_samples > 0:
         splits["valid"] = splits["valid"][: a.validation_samples]
     if not splits["train"]:
-        raise UserError(f"{a.corpus}: no usable training rows ({dict(skips.counts) or 'check the split options'})")
+        raise UserError(f"{a.corpus}: no usable training rows (skipped: {dict(skips.counts)}); lower "
+                        f"--valid_fraction/--test_fraction or use --split_by utterance")
     vocab = Vocab.build((" ".join(t) for s in SPLITS for _, _, t in splits[s]), symbols)
 
     def manifest_rows(items):
@@ -251,7 +252,8 @@ def main(argv=None) -> int:
         "phoneme_source": "phones_tsv" if a.phones_tsv else (a.g2p or "espeak"),
         "g2p_cache_hits": getattr(a, "_g2p_cache_hits", 0),
         "languages": dict(Counter(r.language for r, _, _ in rows)), "speakers": len({r.spk_id for r, _, _ in rows}),
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if not k.startswith("_")},
+        "options": {k: (str(v) if isinstance(v, Path) else None if v == float("inf") else v)
+                    for k, v in vars(a).items() if not k.startswith("_")},
         "seconds": round(time.time() - t0, 2),
     }
     write_json(a.out / "prep_report.json", report)
