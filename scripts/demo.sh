@@ -13,5 +13,5 @@ if [ ! -f "$OUT/corpus/metadata.csv" ]; then
   $PY data_prep/synth_corpus.py "$OUT/corpus" --num_utts "$N" --sample_rate 22050 --seed 7
 fi
 $PY data_prep/make_manifests.py --corpus "$OUT/corpus" --format matcha --out "$OUT/manifests" \
-    --phones_tsv "$OUT/corpus/phones.tsv" --valid_fraction 0.1 --test_fraction 0.1
+    --valid_fraction 0.1 --test_fraction 0.1
 echo "[demo] corpus: $OUT/corpus  manifests: $OUT/manifests"
