@@ -148,6 +148,10 @@ def test_rates_formats(tmp_path):
     assert read_rates(p) == {}
     p.write_text(json.dumps({"utterances": [{"rel_path": "a/1", "speaking_rate": 1.2}]}))
     assert read_rates(p) == {"a/1": 1.2}
+    # data_prep/synth_corpus.py's layout: a top-level 'rates' description plus per-utterance 'rate'
+    p.write_text(json.dumps({"rates": {"kind": "choice", "values": [0.85, 1.0], "parameter": "Duration_Stretch"},
+                             "utterances": [{"rel_path": "kal/kal_0000", "voice": "kal", "rate": 0.85}]}))
+    assert read_rates(p) == {"kal/kal_0000": 0.85}
     p.write_text(json.dumps({"duration_stretch": {"a/1": 0.9}}))
     assert read_rates(p) == {"a/1": 0.9}
     p.write_text(json.dumps({"voices": ["kal"]}))
