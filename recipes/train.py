@@ -1,0 +1,499 @@
+#!/usr/bin/env python3
+"""Train the phoneme recognizer (CTC + location attention) whose posteriors/attention give Matcha durations.
+
+    python recipes/train.py hparams/phoneme.yaml --data_folder DATA [--output_folder OUT] [--key value ...]
+
+DATA holds ``train.csv valid.csv test.csv tokens.txt`` (data_prep/make_manifests.py). Every yaml key is a CLI
+override; SpeechBrain run options work as usual (``--precision bf16``, ``--grad_accumulation_factor 4``,
+``--max_grad_norm 5``, ``--ckpt_interval_minutes 5``, ``--device cuda:0``). A killed run resumes from the newest
+checkpoint (intra-epoch ones included) when started again with the same ``--output_folder``.
+``--overfit_one_batch True`` is the sanity mode (train and validate on one batch; PER must reach 0).
+
+Outputs in ``output_folder``: ``hyperparams.yaml`` + ``tokens.txt`` (what ``common.model.load_for_inference``
+reads), ``save/`` (checkpoints: the best by valid PER and the latest), ``train_log.txt``, ``metrics.json``,
+``model_card.json``, ``per_test.txt`` and, with ``--metrics_csv``, one row in that CSV.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import fcntl
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import speechbrain as sb  # noqa: E402
+import torch  # noqa: E402
+from hyperpyyaml import load_hyperpyyaml  # noqa: E402
+from speechbrain.utils.distributed import if_main_process, run_on_main  # noqa: E402
+from speechbrain.utils.logger import get_logger  # noqa: E402
+
+from common import model as M  # noqa: E402
+from common.audio import load_audio  # noqa: E402
+from common.io import UserError, cli, read_manifest, write_json  # noqa: E402
+from common.vocab import BOS_ID, EOS_ID, Vocab  # noqa: E402
+
+logger = get_logger(__name__)
+
+METRICS_CSV_HEADER = [
+    "timestamp", "run_id", "run_stage", "model", "output_dir", "dataset_part", "train_fraction",
+    "validation_samples", "epochs", "wer", "train_runtime", "train_loss", "eval_loss", "device", "gpu",
+    "per_device_train_batch_size", "grad_accum", "effective_batch_size", "lora_r", "lora_alpha", "lora_dropout",
+    "quant_weights_dtype", "quant_compute_dtype", "inference_time_sec", "peak_memory_mb", "save_full_model",
+    "language", "task", "learning_rate", "seed", "eval_strategy", "eval_steps",
+]
+TASK = "phoneme_recognition"
+
+
+class TrainingDiverged(UserError):
+    """Too many consecutive non-finite losses."""
+
+
+class PhonemeBrain(sb.Brain):
+    """CTC + attention phoneme recognizer; the forward pass itself lives in ``common.model``."""
+
+    def compute_forward(self, batch, stage):
+        batch = batch.to(self.device)
+        wavs, wav_lens = batch.sig
+        tokens_bos, _ = batch.tokens_bos
+        train = stage == sb.Stage.TRAIN and self.hparams.augment
+        if train:
+            wavs, wav_lens = self.hparams.wav_augment(wavs, wav_lens)
+        feats = M.compute_feats(self.modules, self.hparams, wavs, wav_lens, epoch=self.hparams.epoch_counter.current)
+        if train:
+            feats, _ = self.hparams.fea_augment(feats, wav_lens)
+        enc = M.encode(self.modules, feats, wav_lens)
+        out = {"p_ctc": M.ctc_log_probs(self.modules, self.hparams, enc), "wav_lens": wav_lens}
+        out["p_seq"], out["attn"] = M.attention_decode(self.modules, self.hparams, enc, wav_lens, tokens_bos)
+        if stage == sb.Stage.TEST and self.hparams.test_beam_search:
+            out["beam_hyps"] = self.hparams.beam_searcher(enc, wav_lens)[0]
+        return out
+
+    def compute_objectives(self, out, batch, stage):
+        hp = self.hparams
+        tokens, tok_lens = batch.tokens
+        tokens_eos, eos_lens = batch.tokens_eos
+        p_ctc, wav_lens, attn = out["p_ctc"], out["wav_lens"], out["attn"]
+        loss_ctc = hp.ctc_cost(p_ctc, tokens, wav_lens, tok_lens)
+        loss_seq = hp.seq_cost(out["p_seq"], tokens_eos, eos_lens)
+        loss = hp.ctc_weight * loss_ctc + hp.s2s_weight * loss_seq
+        epoch = hp.epoch_counter.current
+        loss_ga = torch.zeros((), device=loss.device)
+        if hp.guided_attn_weight > 0 and (hp.guided_attn_epochs <= 0 or epoch <= hp.guided_attn_epochs):
+            loss_ga = M.guided_attention_loss(
+                attn, M.abs_lengths(eos_lens, attn.shape[1]), M.abs_lengths(wav_lens, attn.shape[2]),
+                hp.guided_attn_sigma,
+            )
+            loss = loss + hp.guided_attn_weight * loss_ga
+        if torch.isfinite(loss):
+            for k, v in (("ctc", loss_ctc), ("seq", loss_seq), ("guided", loss_ga)):
+                self.parts[k] += float(v.detach())
+            self.parts["n"] += 1
+        if stage != sb.Stage.TRAIN:
+            self.ctc_metrics.append(batch.id, p_ctc, tokens, wav_lens, tok_lens)
+            hyps = M.ctc_greedy(p_ctc, wav_lens)
+            self.per_metrics.append(batch.id, hyps, tokens, target_len=tok_lens, ind2lab=self.ids_to_tokens)
+            if "beam_hyps" in out:
+                self.beam_metrics.append(
+                    batch.id, out["beam_hyps"], tokens, target_len=tok_lens, ind2lab=self.ids_to_tokens
+                )
+        return loss
+
+    def ids_to_tokens(self, seqs):
+        return [[self.vocab.tokens[int(i)] for i in s] for s in seqs]
+
+    def fit_batch(self, batch):
+        """SpeechBrain's fit_batch, but a non-finite input or loss skips the batch (no backward, no update) and
+        ``max_nonfinite_batches`` consecutive ones stop training with a clear error."""
+        should_step = (self.step % self.grad_accumulation_factor) == 0
+        self.on_fit_batch_start(batch, should_step)
+        loss = None
+        if torch.isfinite(batch.sig[0]).all():
+            with self.no_sync(not should_step):
+                with self.training_ctx:
+                    out = self.compute_forward(batch, sb.Stage.TRAIN)
+                    loss = self.compute_objectives(out, batch, sb.Stage.TRAIN)
+                if torch.isfinite(loss):
+                    self.scaler.scale(loss / self.grad_accumulation_factor).backward()
+        if loss is None or not torch.isfinite(loss):
+            self.nonfinite_run += 1
+            self.nonfinite_total += 1
+            logger.warning(f"non-finite loss/input in batch {list(batch.id)}; batch skipped")
+            self.zero_grad(set_to_none=True)
+            if self.nonfinite_run >= self.hparams.max_nonfinite_batches:
+                raise TrainingDiverged(
+                    f"{self.nonfinite_run} consecutive batches had a non-finite loss or input (epoch "
+                    f"{self.hparams.epoch_counter.current}, last batch {list(batch.id)[:4]}); check those wavs for "
+                    f"NaN/inf samples or lower --lr (now {self.optimizer.param_groups[0]['lr']:g})"
+                )
+            return torch.tensor(float("nan"))
+        self.nonfinite_run = 0
+        if should_step:
+            self.optimizers_step()
+        self.on_fit_batch_end(batch, out, loss, should_step)
+        return loss.detach().cpu()
+
+    def on_fit_batch_start(self, batch, should_step):
+        wavs, lens = batch.sig
+        n = wavs.shape[1]
+        self.pad["total"] += n * wavs.shape[0]
+        self.pad["real"] += float((lens * n).round().sum())
+        self.pad["batches"] += 1
+        self.pad["utts"] += wavs.shape[0]
+
+    def on_stage_start(self, stage, epoch=None):
+        self.parts = Counter()
+        self.stage_t0 = time.time()
+        if stage == sb.Stage.TRAIN:
+            self.pad = Counter()
+        else:
+            self.ctc_metrics = self.hparams.ctc_stats()
+            self.per_metrics = self.hparams.per_stats()
+            self.beam_metrics = self.hparams.per_stats()
+
+    def _parts(self):
+        n = max(self.parts["n"], 1)
+        return {k: round(self.parts[k] / n, 4) for k in ("ctc", "seq", "guided")}
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        hp, res = self.hparams, self.results
+        if stage == sb.Stage.TRAIN:
+            pad_ratio = 1.0 - self.pad["real"] / max(self.pad["total"], 1)
+            self.train_stats = {"loss": stage_loss, **self._parts(), "padding_ratio": round(pad_ratio, 4)}
+            res["padding_ratio"].append(pad_ratio)
+            res["batches_per_epoch"] = self.pad["batches"]
+            res["mean_batch_utts"] = self.pad["utts"] / max(self.pad["batches"], 1)
+            res["train_loss"].append(stage_loss)
+            res["train_time"] += time.time() - self.stage_t0
+            return
+        per = self.per_metrics.summarize("error_rate")
+        stats = {"loss": stage_loss, **self._parts(), "PER": per}
+        if stage == sb.Stage.VALID:
+            old_lr, new_lr = hp.lr_annealing(per)
+            sb.nnet.schedulers.update_learning_rate(self.optimizer, new_lr)
+            meta = {"epoch": epoch, "lr": old_lr, "nonfinite_skipped": self.nonfinite_total}
+            for lg in self.loggers:
+                lg.log_stats(stats_meta=meta, train_stats=self.train_stats, valid_stats=stats)
+            res["valid"].append({"epoch": epoch, "loss": stage_loss, "PER": per, "lr": old_lr})
+            res["valid_time"] = time.time() - self.stage_t0
+            self.checkpointer.save_and_keep_only(meta={"PER": per, "epoch": epoch}, min_keys=["PER"], num_to_keep=1)
+        else:
+            if len(self.beam_metrics.scores) > 0:
+                stats["PER_beam"] = self.beam_metrics.summarize("error_rate")
+            for lg in self.loggers:
+                lg.log_stats(stats_meta={"epoch loaded": hp.epoch_counter.current}, test_stats=stats)
+            res["test"] = {"loss": stage_loss, "PER": per, "PER_beam": stats.get("PER_beam"),
+                           "time": time.time() - self.stage_t0}
+            if if_main_process():
+                with open(hp.per_file, "w", encoding="utf-8") as w:
+                    w.write("CTC greedy PER:\n")
+                    self.per_metrics.write_stats(w)
+                    if "PER_beam" in stats:
+                        w.write("\nattention beam search (+CTC) PER:\n")
+                        self.beam_metrics.write_stats(w)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def _rows(hparams, split: str, vocab: Vocab, counts: Counter) -> dict:
+    """Manifest rows -> {ID: item}; unknown token = UserError naming the row; CTC-infeasible rows skipped+counted."""
+    path = hparams[f"{split}_csv"]
+    rows = read_manifest(path)
+    if split == "train":
+        if not 0 < float(hparams["train_fraction"]) <= 1:
+            raise UserError(f"--train_fraction must be in (0, 1], got {hparams['train_fraction']}")
+        rows = rows[: max(1, int(round(len(rows) * float(hparams["train_fraction"]))))]
+        if int(hparams["train_subset"]) > 0:
+            rows = rows[: int(hparams["train_subset"])]
+    if split == "valid" and int(hparams["validation_samples"]) > 0:
+        rows = rows[: int(hparams["validation_samples"])]
+    speed = max(hparams["speeds"]) / 100 if split == "train" and hparams["speed_perturb"] else 1.0
+    data = {}
+    for n, r in enumerate(rows, 2):  # line 1 is the header
+        where = f"{path}:{n} (ID {r['ID']})"
+        if r["ID"] in data:
+            raise UserError(f"{where}: duplicate ID")
+        ids = vocab.encode(r["phn"], where=where)
+        try:
+            dur = float(r["duration"])
+        except ValueError:
+            raise UserError(f"{where}: duration {r['duration']!r} is not a number") from None
+        if not ids:
+            counts[f"{split}_empty_phn"] += 1
+            continue
+        frames = M.num_feature_frames(int(dur * hparams["sample_rate"] / speed), hparams["hop_samples"])
+        if frames < M.ctc_min_frames(ids):
+            counts[f"{split}_ctc_infeasible"] += 1
+            logger.warning(f"{where}: {frames} frames < {M.ctc_min_frames(ids)} needed by CTC; skipped")
+            continue
+        wav = r["wav"].replace("$data_root", str(hparams["data_folder"]))
+        data[r["ID"]] = {"wav": wav, "duration": dur, "token_ids": ids, "language": r.get("language", "")}
+    if not data:
+        raise UserError(f"{path}: no usable rows left ({dict(counts)}); check durations and phn")
+    counts[f"{split}_utts"] = len(data)
+    counts[f"{split}_hours"] = round(sum(d["duration"] for d in data.values()) / 3600, 4)
+    return data
+
+
+def dataio_prepare(hparams, vocab: Vocab):
+    """Datasets (train/valid/test) with ``sig``, ``tokens``, ``tokens_bos``, ``tokens_eos`` + a batch sampler."""
+    counts: Counter = Counter()
+    splits = ["train", "valid"] + ([] if hparams["skip_test"] else ["test"])
+    data = {s: _rows(hparams, s, vocab, counts) for s in splits}
+    if hparams["overfit_one_batch"]:
+        first = dict(list(data["train"].items())[: int(hparams["overfit_batch_size"])])
+        data = {"train": first, "valid": first}
+    datasets = {s: sb.dataio.dataset.DynamicItemDataset(d) for s, d in data.items()}
+    sr = int(hparams["sample_rate"])
+
+    @sb.utils.data_pipeline.takes("wav")
+    @sb.utils.data_pipeline.provides("sig")
+    def audio_pipeline(wav):
+        return load_audio(wav, sr)[0]
+
+    @sb.utils.data_pipeline.takes("token_ids")
+    @sb.utils.data_pipeline.provides("tokens", "tokens_bos", "tokens_eos")
+    def token_pipeline(ids):
+        yield torch.LongTensor(ids)
+        yield torch.LongTensor([BOS_ID] + ids)
+        yield torch.LongTensor(ids + [EOS_ID])
+
+    dsets = list(datasets.values())
+    sb.dataio.dataset.add_dynamic_item(dsets, audio_pipeline)
+    sb.dataio.dataset.add_dynamic_item(dsets, token_pipeline)
+    sb.dataio.dataset.set_output_keys(dsets, ["id", "sig", "tokens", "tokens_bos", "tokens_eos"])
+    for s in ("valid", "test"):
+        if s in datasets:
+            datasets[s] = datasets[s].filtered_sorted(sort_key="duration")
+
+    sampler = None
+    if hparams["dynamic_batching"] and not hparams["overfit_one_batch"]:
+        sampler = sb.dataio.sampler.DynamicBatchSampler(
+            datasets["train"], max_batch_length=float(hparams["max_batch_length"]),
+            num_buckets=int(hparams["num_buckets"]), length_func=lambda x: x["duration"],
+            shuffle=bool(hparams["shuffle_buckets"]), batch_ordering="random",
+            max_batch_ex=int(hparams["max_batch_ex"]), seed=int(hparams["seed"]),
+        )
+    return datasets, sampler, counts
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def check_metrics_csv(path) -> None:
+    if path and os.path.isfile(path) and os.path.getsize(path) > 0:
+        with open(path, newline="", encoding="utf-8") as fh:
+            header = next(csv.reader(fh), [])
+        if header != METRICS_CSV_HEADER:
+            raise UserError(f"{path}: existing header differs from the sweep header; use another --metrics_csv")
+
+
+def append_metrics_csv(path, row: dict) -> None:
+    """Append one row under an exclusive lock; the header is written once, by whoever finds the file empty."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", newline="", encoding="utf-8") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fh.seek(0, os.SEEK_END)
+            writer = csv.DictWriter(fh, fieldnames=METRICS_CSV_HEADER)
+            if fh.tell() == 0:
+                writer.writeheader()
+            writer.writerow({k: row.get(k, "") for k in METRICS_CSV_HEADER})
+            fh.flush()
+            os.fsync(fh.fileno())
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _versions() -> dict:
+    import torchaudio
+
+    commit = ""
+    try:
+        import subprocess
+
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchaudio": torchaudio.__version__,
+            "speechbrain": sb.__version__, "git_commit": commit}
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _scalar_hparams(hparams) -> dict:
+    return {k: v for k, v in hparams.items() if isinstance(v, (int, float, str, bool, list, type(None)))
+            and not k.startswith("__")}
+
+
+def write_reports(brain, hparams, counts, vocab, run_id, t_start, resumed_epoch) -> dict:
+    res, out = brain.results, Path(hparams["output_folder"])
+    device = str(brain.device)
+    best = min(res["valid"], key=lambda v: v["PER"]) if res["valid"] else {}
+    test = res.get("test") or {}
+    nparams = sum(p.numel() for p in brain.modules.parameters())
+    batch_utts = res.get("mean_batch_utts", 0.0)
+    metrics = {
+        "run_id": run_id, "model": hparams["model_name"], "task": TASK, "output_dir": str(out),
+        "data": dict(counts), "epochs": hparams["epoch_counter"].current, "resumed_from_epoch": resumed_epoch,
+        "train_loss": res["train_loss"][-1] if res["train_loss"] else None,
+        "train_loss_history": res["train_loss"], "valid_history": res["valid"],
+        "best_valid_PER": best.get("PER"), "best_epoch": best.get("epoch"),
+        "valid_loss": res["valid"][-1]["loss"] if res["valid"] else None,
+        "test_PER": test.get("PER"), "test_PER_beam": test.get("PER_beam"), "test_loss": test.get("loss"),
+        "padding_ratio": (sum(res["padding_ratio"]) / len(res["padding_ratio"])) if res["padding_ratio"] else None,
+        "padding_ratio_per_epoch": res["padding_ratio"], "mean_batch_utts": batch_utts,
+        "nonfinite_batches_skipped": brain.nonfinite_total,
+        "skipped": {k: v for k, v in counts.items() if "infeasible" in k or "empty" in k},
+        "train_runtime_sec": round(time.time() - t_start, 2), "train_stage_sec": round(res["train_time"], 2),
+        "valid_inference_sec": round(res.get("valid_time", 0.0), 3),
+        "peak_memory_mb": round(_peak_memory_mb(device), 1), "device": device, "precision": brain.precision,
+        "grad_accum": brain.grad_accumulation_factor, "n_params": nparams, "notes": hparams["notes"],
+        "overfit_one_batch": bool(hparams["overfit_one_batch"]),
+    }
+    write_json(out / "metrics.json", metrics)
+    card = {
+        "task": TASK, "model": hparams["model_name"], "run_id": run_id,
+        "architecture": {"features": f"Fbank {hparams['n_mels']} mel, hop {hparams['hop_length']} ms, "
+                                     f"win {hparams['win_length']} ms, {hparams['sample_rate']} Hz, global CMVN",
+                         "encoder": type(hparams["enc"]).__name__, "frame_shift_ms": hparams["hop_length"],
+                         "ctc_blank_id": hparams["blank_index"], "bos_id": hparams["bos_index"],
+                         "eos_id": hparams["eos_index"], "decoder": "AttentionalRNNDecoder (location)",
+                         "n_params": nparams},
+        "data": {"data_folder": str(hparams["data_folder"]), "train_csv": str(hparams["train_csv"]),
+                 "valid_csv": str(hparams["valid_csv"]), "test_csv": None if hparams["skip_test"] else
+                 str(hparams["test_csv"]), **dict(counts)},
+        "vocabulary": {"size": len(vocab), "tokens_file": "tokens.txt", "tokens": vocab.tokens,
+                       "symbol_ids": vocab.symbol_ids},
+        "hparams": _scalar_hparams(hparams), "versions": _versions(),
+        "inference": "common.model.load_for_inference(output_folder) -> (modules, hparams, vocab); "
+                     "common.model.forward_scores(...)",
+        "results": {"best_valid_PER": metrics["best_valid_PER"], "test_PER": metrics["test_PER"],
+                    "test_PER_beam": metrics["test_PER_beam"]},
+    }
+    write_json(out / "model_card.json", card)
+    if hparams["metrics_csv"]:
+        gpu = torch.cuda.get_device_name(brain.device) if device.startswith("cuda") else ""
+        compute = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[brain.precision]
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        langs = Counter(hparams.get("_languages", []))
+        append_metrics_csv(hparams["metrics_csv"], {
+            "timestamp": datetime.datetime.now().isoformat(timespec="seconds"), "run_id": run_id,
+            "run_stage": hparams["run_stage"], "model": hparams["model_name"], "output_dir": str(out),
+            "dataset_part": hparams["dataset_part"], "train_fraction": hparams["train_fraction"],
+            "validation_samples": hparams["validation_samples"], "epochs": metrics["epochs"],
+            "wer": "" if best.get("PER") is None else round(best["PER"], 4),
+            "train_runtime": metrics["train_runtime_sec"], "train_loss": _r(metrics["train_loss"]),
+            "eval_loss": _r(metrics["valid_loss"]), "device": device, "gpu": gpu,
+            "per_device_train_batch_size": round(batch_utts, 2), "grad_accum": brain.grad_accumulation_factor,
+            "effective_batch_size": round(batch_utts * brain.grad_accumulation_factor * world, 2),
+            "quant_weights_dtype": "fp32", "quant_compute_dtype": compute,
+            "inference_time_sec": metrics["valid_inference_sec"], "peak_memory_mb": metrics["peak_memory_mb"],
+            "save_full_model": hparams["save_full_model"],
+            "language": hparams["language"] or (langs.most_common(1)[0][0] if langs else ""),
+            "task": TASK, "learning_rate": hparams["lr"], "seed": hparams["seed"],
+            "eval_strategy": hparams["eval_strategy"], "eval_steps": hparams["eval_steps"],
+        })
+    return metrics
+
+
+def _r(x):
+    return "" if x is None else round(float(x), 4)
+
+
+def save_run_files(hparams_file, overrides, hparams, vocab_path) -> None:
+    """hyperparams.yaml (overrides baked in) + tokens.txt copy: everything load_for_inference needs."""
+    out = Path(hparams["output_folder"])
+    sb.create_experiment_directory(experiment_directory=str(out), hyperparams_to_save=hparams_file,
+                                   overrides=overrides)
+    dst = out / M.TOKENS_FILE
+    if dst.is_file() and dst.read_text(encoding="utf-8") != Path(vocab_path).read_text(encoding="utf-8"):
+        if any((out / "save").glob("CKPT*")):
+            raise UserError(f"{dst} differs from {vocab_path}: this output_folder was trained with another "
+                            f"vocabulary; use a new --output_folder")
+    shutil.copyfile(vocab_path, dst)
+
+
+@cli
+def main(argv=None) -> int:
+    hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:] if argv is None else argv)
+    try:
+        with open(hparams_file, encoding="utf-8") as fin:
+            hparams = load_hyperpyyaml(fin, overrides)
+    except FileNotFoundError as err:
+        raise UserError(f"cannot load hparams: {err}") from None
+    if hparams["overfit_one_batch"] and run_opts["debug"]:
+        raise UserError("--overfit_one_batch and SpeechBrain's --debug are different modes; pick one")
+    check_metrics_csv(hparams["metrics_csv"])
+    if int(hparams["num_threads"]) > 0:
+        torch.set_num_threads(int(hparams["num_threads"]))
+    vocab = Vocab.load(hparams["tokens_file"])
+    if hparams["output_neurons"] != len(vocab):
+        raise UserError(f"output_neurons={hparams['output_neurons']} but {hparams['tokens_file']} has {len(vocab)}")
+    sb.utils.distributed.ddp_init_group(run_opts)
+    run_on_main(save_run_files, args=[hparams_file, overrides, hparams, hparams["tokens_file"]])
+    run_id = hparams["run_id"] or datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+
+    datasets, sampler, counts = dataio_prepare(hparams, vocab)
+    hparams["_languages"] = [d["language"] for d in datasets["train"].data.values() if d.get("language")]
+    hparams["augment"] = not hparams["overfit_one_batch"]
+    if hparams["overfit_one_batch"]:
+        hparams["epoch_counter"].limit = int(hparams["overfit_epochs"])
+    if hparams["tensorboard"]:
+        try:
+            tb = sb.utils.train_logger.TensorboardLogger(hparams["tensorboard_folder"])
+        except ImportError:
+            raise UserError("--tensorboard True needs the tensorboard package (pip install tensorboard)") from None
+    brain = PhonemeBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
+                         run_opts=run_opts, checkpointer=hparams["checkpointer"])
+    brain.vocab = vocab
+    brain.loggers = [hparams["train_logger"]] + ([tb] if hparams["tensorboard"] else [])
+    brain.results = {"train_loss": [], "valid": [], "padding_ratio": [], "train_time": 0.0}
+    brain.nonfinite_run = brain.nonfinite_total = 0
+    brain.pad = Counter()
+    hparams["train_logger"].log_stats(stats_meta={"data": " ".join(f"{k}={v}" for k, v in sorted(counts.items()))})
+    logger.info(f"data: {dict(counts)}")
+
+    loader_opts = {"num_workers": int(hparams["num_workers"])}
+    if sampler is not None:
+        train_opts = {**loader_opts, "batch_sampler": sampler}
+        brain.train_sampler = sampler  # so Brain calls set_epoch(): new shuffles each epoch, exact on resume
+    else:
+        bs = int(hparams["overfit_batch_size"] if hparams["overfit_one_batch"] else hparams["batch_size"])
+        train_opts = {**loader_opts, "batch_size": bs, "shuffle": not hparams["overfit_one_batch"]}
+    eval_opts = {**loader_opts, "batch_size": int(hparams["batch_size"])}
+
+    t0 = time.time()
+    brain.checkpointer.recover_if_possible()  # only to report where we resume; fit() recovers again
+    resumed_epoch = hparams["epoch_counter"].current
+    if resumed_epoch:
+        logger.info(f"resuming after epoch {resumed_epoch}")
+    brain.fit(hparams["epoch_counter"], datasets["train"], datasets["valid"], train_loader_kwargs=train_opts,
+              valid_loader_kwargs=eval_opts)
+    if brain.nonfinite_total:
+        logger.warning(f"{brain.nonfinite_total} training batches skipped (non-finite loss or input)")
+    if "test" in datasets:
+        brain.evaluate(datasets["test"], min_key="PER", test_loader_kwargs=eval_opts)
+    metrics = write_reports(brain, hparams, counts, vocab, run_id, t0, resumed_epoch)
+    msg = f"best valid PER {metrics['best_valid_PER']:.2f}%" if metrics["best_valid_PER"] is not None else ""
+    if metrics["test_PER"] is not None:
+        msg += f", test PER {metrics['test_PER']:.2f}%"
+        if metrics["test_PER_beam"] is not None:
+            msg += f" (beam {metrics['test_PER_beam']:.2f}%)"
+    print(f"{msg}; outputs in {hparams['output_folder']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
