@@ -257,6 +257,21 @@ def _numba_kernel():
     return numba, make_batch(True), make_batch(False)
 
 
+@functools.lru_cache(maxsize=None)
+def _numba_fill():
+    from numba import njit
+
+    @njit(cache=True, nogil=True)
+    def fill(path, idx, t_x, t_y):
+        """path[b, idx[b, y], y] = 1 for the valid frames of each item (path is zeros, float32 or float64)."""
+        for b in range(path.shape[0]):
+            if t_x[b] > 0:
+                for y in range(t_y[b]):
+                    path[b, idx[b, y], y] = 1.0
+
+    return fill
+
+
 _WORK = {"buf": np.empty((0, 0), dtype=np.uint8)}
 _SERIAL_CELLS = 100_000  # below this many DP cells, waking the thread pool costs more than it saves
 
@@ -315,6 +330,9 @@ def _path_from_indices_np(idx: np.ndarray, tx: np.ndarray, ty: np.ndarray, T: in
     except TypeError:  # bfloat16 and other dtypes numpy cannot view
         return _path_from_indices(torch.from_numpy(idx), torch.from_numpy(tx), torch.from_numpy(ty), T, dtype
                                   ).to(device)
+    if dtype in (torch.float32, torch.float64):  # the common case: one compiled loop, no index arrays
+        _numba_fill()(path_np, idx, tx, ty)
+        return path.to(device)
     valid = (np.arange(S)[None, :] < ty[:, None]) & (tx[:, None] > 0)
     bb, yy = np.nonzero(valid)
     path_np[bb, idx[bb, yy], yy] = 1
