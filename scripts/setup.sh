@@ -17,8 +17,9 @@ if ! $PY -m pip install -q --disable-pip-version-check -r requirements.txt 2>/tm
   cat /tmp/pip_setup.err >&2; exit 1
 fi
 # Matcha-TTS (to prove its TextMelDataset loads our durations): --no-deps keeps our torch; builds one Cython module
-if ! $PY -c "import matcha" 2>/dev/null; then
-  $PY -m pip install -q --disable-pip-version-check --no-deps matcha-tts==0.0.7.2
+if ! $PY -c "import matcha.utils.monotonic_align.core" 2>/dev/null; then
+  $PY -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation --no-binary matcha-tts \
+      matcha-tts==0.0.7.2
 fi
 $PY -c "import torch, torchaudio, speechbrain, phonemizer, numba, matcha" \
   || { echo "[setup] python packages did not import; see the message above" >&2; exit 1; }
