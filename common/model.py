@@ -165,7 +165,8 @@ class ConvRNNEncoder(nn.Module):
 def guided_attention_loss(
     attn: torch.Tensor, token_lens: torch.Tensor, frame_lens: torch.Tensor, sigma: float = 0.3
 ) -> torch.Tensor:
-    """Diagonal prior (Tachibana et al. 2017): mean of ``attn * (1 - exp(-(t/T - u/U)^2 / 2 sigma^2))``.
+    """Diagonal prior (Tachibana et al. 2017): attention mass off the diagonal band, ``W = 1 - exp(-(t/T - u/U)^2 /
+    2 sigma^2)``, summed over frames and averaged over the real decoder steps (so it lies in [0, 1)).
 
     ``attn`` [B, U, T]; ``token_lens`` / ``frame_lens`` absolute lengths [B]. Padded cells do not count.
     """
@@ -174,9 +175,10 @@ def guided_attention_loss(
     t = torch.arange(T, device=attn.device, dtype=torch.float32)[None, None, :]
     Ul = token_lens.float().clamp(min=1)[:, None, None]
     Tl = frame_lens.float().clamp(min=1)[:, None, None]
-    w = 1.0 - torch.exp(-((t / Tl - u / Ul) ** 2) / (2 * sigma**2))
+    w = 1.0 - torch.exp(-(((t + 0.5) / Tl - (u + 0.5) / Ul) ** 2) / (2 * sigma**2))
     valid = (u < Ul) & (t < Tl)
-    return (attn.float() * w * valid).sum() / valid.float().sum().clamp(min=1)
+    rows = (u < Ul).expand(B, U, 1).float().sum()
+    return (attn.float() * w * valid).sum() / rows.clamp(min=1)
 
 
 # --------------------------------------------------------------------------------------------------------------------

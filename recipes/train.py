@@ -178,7 +178,7 @@ class PhonemeBrain(sb.Brain):
         per = self.per_metrics.summarize("error_rate")
         stats = {"loss": stage_loss, **self._parts(), "PER": per}
         if stage == sb.Stage.VALID:
-            old_lr, new_lr = hp.lr_annealing(per)
+            old_lr, new_lr = hp.lr_annealing(stage_loss if hp.lr_anneal_on == "loss" else per)
             sb.nnet.schedulers.update_learning_rate(self.optimizer, new_lr)
             meta = {"epoch": epoch, "lr": old_lr, "nonfinite_skipped": self.nonfinite_total}
             for lg in self.loggers:
@@ -248,9 +248,10 @@ def dataio_prepare(hparams, vocab: Vocab):
     counts: Counter = Counter()
     splits = ["train", "valid"] + ([] if hparams["skip_test"] else ["test"])
     data = {s: _rows(hparams, s, vocab, counts) for s in splits}
-    if hparams["overfit_one_batch"]:
+    if hparams["overfit_one_batch"]:  # the same batch, overfit_repeats steps per epoch
         first = dict(list(data["train"].items())[: int(hparams["overfit_batch_size"])])
-        data = {"train": first, "valid": first}
+        reps = {f"{k}#{i}": v for i in range(int(hparams["overfit_repeats"])) for k, v in first.items()}
+        data = {"train": reps, "valid": first}
     datasets = {s: sb.dataio.dataset.DynamicItemDataset(d) for s, d in data.items()}
     sr = int(hparams["sample_rate"])
 

@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Benchmark: phoneme recognizer test PER on a ~400-utterance festival corpus, trained within a CPU time budget.
+
+    python benchmarks/train_per.py [--work /tmp/train_per] [--num_utts 400] [--epochs 12] [-- extra train.py args]
+
+Synthesizes the corpus (data_prep/synth_corpus.py: kal/ked/slt voices, Duration_Stretch rates, 22050 Hz), makes
+manifests with festival phones (make_manifests.py --phones_tsv, split by text so test sentences are never seen in
+training), trains recipes/train.py hparams/phoneme.yaml and prints test PER (CTC greedy and attention beam search),
+training time and the target check (test PER <= 10 %).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_PER = 10.0
+
+
+def sh(cmd):
+    print("+", " ".join(map(str, cmd)), flush=True)
+    subprocess.run(list(map(str, cmd)), check=True, cwd=ROOT)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/train_per")
+    ap.add_argument("--num_utts", type=int, default=400)
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("extra", nargs="*", help="more recipes/train.py overrides (after --)")
+    args = ap.parse_args()
+    work = Path(args.work)
+    corpus, man, out = work / "corpus", work / "man", work / f"model_e{args.epochs}"
+    if not (corpus / "phones.tsv").is_file():
+        sh([sys.executable, "data_prep/synth_corpus.py", corpus, "--num_utts", args.num_utts, "--sample_rate", "22050",
+            "--seed", args.seed, "--no_progress", "--overwrite"])
+    if not (man / "tokens.txt").is_file():
+        sh([sys.executable, "data_prep/make_manifests.py", "--corpus", corpus, "--format", "matcha", "--out", man,
+            "--phones_tsv", corpus / "phones.tsv", "--split_by", "text", "--valid_fraction", "0.08",
+            "--test_fraction", "0.12", "--seed", args.seed, "--no_progress"])
+    t0 = time.time()
+    sh([sys.executable, "recipes/train.py", "hparams/phoneme.yaml", "--data_folder", man, "--output_folder", out,
+        "--number_of_epochs", args.epochs, "--noprogressbar", *args.extra])
+    wall = time.time() - t0
+    m = json.loads((out / "metrics.json").read_text())
+    per, beam = m["test_PER"], m["test_PER_beam"]
+    print(json.dumps({
+        "train_utts": m["data"]["train_utts"], "test_utts": m["data"].get("test_utts"),
+        "train_audio_min": round(m["data"]["train_hours"] * 60, 1), "epochs": m["epochs"],
+        "train_stage_sec": m["train_stage_sec"], "run_wall_sec": round(wall, 1), "best_valid_PER": m["best_valid_PER"],
+        "test_PER_ctc_greedy": per, "test_PER_attention_beam": beam, "padding_ratio": m["padding_ratio"],
+        "n_params": m["n_params"],
+    }, indent=2))
+    ok = per is not None and per <= TARGET_PER
+    print(f"test PER {per:.2f}% (target <= {TARGET_PER}%): {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
