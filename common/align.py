@@ -1,0 +1,100 @@
+"""From model scores to per-token frame counts and boundary times (one screen of logic).
+
+Scores for monotonic alignment search, per utterance, rows = aligned tokens, columns = encoder frames (10 ms):
+
+- ``ctc``: the CTC log-posterior of each target token at each frame;
+- ``attention``: the log of the decoder's location-aware attention (StyleTTS2 style; row ``u`` is the attention
+  while predicting token ``u``);
+- ``joint``: ``ctc_weight * ctc + (1 - ctc_weight) * attention``.
+
+Edge silence: when a token sequence does not start (end) with a silence token, a ``<sil>`` slot scored by the CTC
+blank log-posterior is put in front (behind), so leading/trailing silence is not glued to the first/last phone.
+MAS gives each row >= 1 frame.
+
+Frame time convention: encoder frame ``t`` is centred at ``t * hop`` (SpeechBrain's Fbank pads the signal,
+``center=True``), so the boundary between frames ``t-1`` and ``t`` lies at ``(t - 0.5) * hop`` seconds; the last
+boundary is the end of the audio.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from common.durations import SILENCE_TOKENS
+from common.mas import maximum_path
+
+SIL = "<sil>"
+SCORE_KINDS = ("ctc", "attention", "joint")
+LOG_FLOOR = -1e4  # keeps -inf out of MAS (value * mask must stay finite)
+
+
+def alignment_units(tokens: list[str], edge_silence: bool = True) -> tuple[list[str], bool, bool]:
+    """Tokens to align, with ``<sil>`` slots added at the edges that lack silence; (units, lead, trail)."""
+    lead = edge_silence and (not tokens or tokens[0] not in SILENCE_TOKENS)
+    trail = edge_silence and (not tokens or tokens[-1] not in SILENCE_TOKENS)
+    return ([SIL] if lead else []) + list(tokens) + ([SIL] if trail else []), lead, trail
+
+
+def score_matrix(ctc_logp: torch.Tensor, attn: torch.Tensor | None, ids: list[int], lead: bool, trail: bool,
+                 kind: str, ctc_weight: float, blank_id: int = 0) -> torch.Tensor:
+    """[U', T] scores of one utterance. ``ctc_logp`` [T, V]; ``attn`` [>=U, T] (rows beyond U ignored)."""
+    idx = torch.as_tensor(ids, dtype=torch.long, device=ctc_logp.device)
+    rows = []
+    if kind in ("ctc", "joint"):
+        ctc = ctc_logp[:, idx].t()
+    if kind in ("attention", "joint"):
+        att = torch.log(attn[: len(ids)].float().clamp_min(1e-8))
+    if kind == "ctc":
+        tok = ctc
+    elif kind == "attention":
+        tok = att
+    elif kind == "joint":
+        tok = ctc_weight * ctc + (1.0 - ctc_weight) * att
+    else:
+        raise ValueError(f"scores must be one of {SCORE_KINDS}, got {kind!r}")
+    blank = ctc_logp[:, blank_id][None, :]
+    if lead:
+        rows.append(blank)
+    rows.append(tok)
+    if trail:
+        rows.append(blank)
+    return torch.cat(rows, 0).float().clamp_min(LOG_FLOOR)
+
+
+def mas_frames(scores: list[torch.Tensor], frame_lens: list[int]) -> list[np.ndarray]:
+    """Batch MAS: per-utterance [U_b, T_b] scores -> per-row frame counts (int64 arrays, sum = T_b)."""
+    B = len(scores)
+    U = max(s.shape[0] for s in scores)
+    T = max(frame_lens)
+    dev = scores[0].device
+    value = torch.zeros(B, U, T, device=dev)
+    mask = torch.zeros(B, U, T, device=dev)
+    for b, (s, t) in enumerate(zip(scores, frame_lens)):
+        value[b, : s.shape[0], :t] = s[:, :t]
+        mask[b, : s.shape[0], :t] = 1
+    path = maximum_path(value, mask)
+    counts = path.sum(-1).long().cpu().numpy()
+    return [counts[b, : s.shape[0]] for b, s in enumerate(scores)]
+
+
+def frame_ends_seconds(frames: np.ndarray, hop_s: float, duration_s: float) -> np.ndarray:
+    """Cumulative per-token frame counts -> token end times (s) under the centred-frame convention."""
+    cum = np.cumsum(np.asarray(frames, dtype=np.int64))
+    ends = np.clip((cum - 0.5) * hop_s, 0.0, duration_s)
+    ends[-1] = duration_s
+    return np.maximum.accumulate(ends)
+
+
+def token_confidence(ctc_logp: torch.Tensor, ids: list[int], frames: np.ndarray, lead: bool,
+                     blank_id: int = 0) -> np.ndarray:
+    """Per-token confidence: mean over its frames of p(token | frame, not blank) (1 = certain)."""
+    nb = ctc_logp.clone()
+    nb[:, blank_id] = -float("inf")
+    post = torch.softmax(nb.float(), -1).cpu().numpy()  # [T, V], blank excluded
+    starts = np.concatenate([[0], np.cumsum(frames)[:-1]])
+    off = 1 if lead else 0
+    conf = np.empty(len(ids))
+    for k, tok in enumerate(ids):
+        s, n = starts[k + off], frames[k + off]
+        conf[k] = float(post[s : s + n, tok].mean()) if n > 0 else 0.0
+    return conf

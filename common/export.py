@@ -1,0 +1,385 @@
+"""Export Matcha-TTS durations for every row of a corpus (the engine behind ``align/export_durations.py``).
+
+Per row of ``corpus/metadata.csv``: our own features from the audio (``mels/`` is only read for its length), the
+token sequence from the G2P/symbols the model was trained with, model scores, MAS, Matcha frames. Everything that
+can be checked is checked before anything is written; every file is written atomically; existing outputs are
+skipped unless ``overwrite`` (so a killed run resumes).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import align as A
+from common.audio import audio_info, load_audio
+from common.corpus import read_matcha, read_phones_tsv
+from common.durations import (append_alignment, alignment_record, boundaries_to_matcha, matcha_layout,
+                              matcha_num_frames, npy_duration_paths, pt_duration_path, write_durations)
+from common.g2p import G2P, check_symbols, ipa_to_tokens, load_symbols
+from common.io import UserError, safe_join, write_json
+from common.vocab import BOS_ID
+
+MAX_LISTED = 5
+
+
+@dataclass
+class Options:
+    corpus: Path
+    model_dir: Path
+    device: str = "cuda"
+    scores: str = "ctc"
+    ctc_weight: float = 0.5
+    fmt: str = "pt"
+    add_blank: bool = True
+    edge_silence: bool = True
+    textgrid: bool = False
+    plots: int = 0
+    overwrite: bool = False
+    no_mels: bool = False
+    hop_length: int = 256
+    sample_rate: int | None = None  # Matcha's rate; default: each file's own rate
+    batch_seconds: float = 200.0
+    g2p: str | None = None
+    symbols: str | None = None
+    phones_tsv: Path | None = None
+    metadata: Path | None = None
+    wav_dir: Path | None = None
+    language: str = "en-us"
+    progress: bool = True
+    limit: int = 0
+    low_conf: float = 0.5
+    max_phone_s: float = 1.0
+    high_per: float = 30.0
+
+
+@dataclass
+class Item:
+    rel: str
+    wav: Path
+    tokens: list[str]
+    ids: list[int]
+    num_samples: int
+    sr: int
+    mel_frames: int
+    out: Path
+    where: str
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_device(device: str) -> str:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("CUDA is not available: running on CPU")
+        return "cpu"
+    return device
+
+
+def phoneme_source(model_dir: Path, opts: Options) -> dict:
+    """G2P / symbols / phones_tsv the model was trained with (from its manifests' prep_report.json)."""
+    src = {"g2p": opts.g2p, "symbols": opts.symbols, "phones_tsv": opts.phones_tsv}
+    card = model_dir / "model_card.json"
+    report = None
+    if card.is_file():
+        data_folder = json.loads(card.read_text(encoding="utf-8")).get("data", {}).get("data_folder")
+        if data_folder and (Path(data_folder) / "prep_report.json").is_file():
+            report = json.loads((Path(data_folder) / "prep_report.json").read_text(encoding="utf-8"))
+    if report and not any(src.values()):
+        o = report.get("options", {})
+        src = {"g2p": o.get("g2p"), "symbols": o.get("symbols"),
+               "phones_tsv": Path(o["phones_tsv"]) if o.get("phones_tsv") else None}
+    return src
+
+
+def prepare_items(opts: Options, vocab) -> list[Item]:
+    """Read metadata, phonemize, check audio/mels/vocabulary; raise ``UserError`` before anything is written."""
+    corpus = opts.corpus
+    recs = read_matcha(corpus, opts.metadata, opts.wav_dir, opts.language)
+    if opts.limit:
+        recs = recs[: opts.limit]
+    if not recs:
+        raise UserError(f"{corpus}: metadata has no rows")
+    src = phoneme_source(opts.model_dir, opts)
+    tokens: dict[str, list[str]] = {}
+    if src["phones_tsv"]:
+        table = read_phones_tsv(Path(src["phones_tsv"]))
+        missing = [r.id for r in recs if r.id not in table]
+        if missing:
+            raise UserError(f"{src['phones_tsv']}: no phones for {len(missing)} row(s), e.g. {missing[:MAX_LISTED]}; "
+                            f"the model was trained on phones from this file (or give --g2p)")
+        tokens = {r.id: table[r.id][0] for r in recs}
+    else:
+        g2p = G2P(src["g2p"], cache_file=opts.model_dir / ".g2p_cache.json")
+        for r in recs:
+            g2p.check_language(r.language, r.where)
+        ph = g2p.phonemize_all(((r.language, r.text) for r in recs), progress=opts.progress)
+        tokens = {r.id: ipa_to_tokens(ph[(r.language, r.text)]) for r in recs}
+    symbols = load_symbols(src["symbols"])
+    missing_audio = [r for r in recs if not r.wav.is_file()]
+    if missing_audio:
+        raise UserError(f"{len(missing_audio)} audio file(s) missing, e.g. "
+                        f"{', '.join(str(r.wav) for r in missing_audio[:MAX_LISTED])}; fix metadata.csv or the wavs")
+    mel_paths = {}
+    if not opts.no_mels:
+        mel_paths = {r.id: safe_join(corpus / "mels", r.id + ".npy", r.where) for r in recs}
+        absent = [str(p) for p in mel_paths.values() if not p.is_file()]
+        if absent:
+            raise UserError(f"{len(absent)} mel file(s) missing, e.g. {', '.join(absent[:MAX_LISTED])}; compute "
+                            f"Matcha's mels first, or pass --no_mels to take the length from the audio")
+    npy_out = npy_duration_paths((r.id, r.wav) for r in recs) if opts.fmt == "npy" else {}
+    items = []
+    for r in recs:
+        toks = tokens[r.id]
+        if not toks:
+            raise UserError(f"{r.where}: no phonemes for text {r.text!r}; fix the text or its language")
+        if symbols is not None:
+            check_symbols(toks, symbols, r.where)
+        unknown = sorted({t for t in toks if t not in vocab.index})
+        if unknown:
+            raise UserError(f"{r.where}: token(s) {unknown} not in the model's tokens.txt ({opts.model_dir}); the "
+                            f"model was trained with another G2P/vocabulary: retrain on manifests covering this corpus")
+        n, sr = audio_info(r.wav)
+        if opts.sample_rate and sr != opts.sample_rate:
+            raise UserError(f"{r.wav}: sample rate {sr} Hz but --sample_rate {opts.sample_rate}; Matcha's mels need "
+                            f"the corpus rate, resample the audio or fix --sample_rate")
+        if r.id in mel_paths:
+            try:
+                T = int(np.load(mel_paths[r.id], mmap_mode="r").shape[-1])
+            except (OSError, ValueError) as err:
+                raise UserError(f"{mel_paths[r.id]}: cannot read mel ({err})") from None
+        else:
+            T = matcha_num_frames(n, opts.hop_length)
+        out = npy_out[r.id] if opts.fmt == "npy" else pt_duration_path(corpus, r.id)
+        items.append(Item(r.id, r.wav, toks, vocab.encode(toks, r.where), n, sr, T, out, r.where))
+    return items
+
+
+def check_feasible(items: list[Item], hparams, edge_silence: bool) -> None:
+    hop = int(hparams["hop_samples"]) if "hop_samples" in hparams else int(hparams["sample_rate"]) // 100
+    model_sr = int(hparams["sample_rate"])
+    for it in items:
+        frames = 1 + int(it.num_samples * model_sr / it.sr) // hop
+        units = len(A.alignment_units(it.tokens, edge_silence)[0])
+        if frames < units:
+            raise UserError(f"{it.where}: audio too short for its tokens ({it.num_samples / it.sr:.3f}s = {frames} "
+                            f"frames for {units} tokens); fix the transcript or remove the row")
+
+
+class _Audio(torch.utils.data.Dataset):
+    def __init__(self, items, sr):
+        self.items, self.sr = items, sr
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return i, load_audio(self.items[i].wav, self.sr)[0]
+
+
+def _collate(batch):
+    idx = [b[0] for b in batch]
+    wavs = [b[1] for b in batch]
+    N = max(w.shape[0] for w in wavs)
+    out = torch.zeros(len(wavs), N)
+    for k, w in enumerate(wavs):
+        out[k, : w.shape[0]] = w
+    lens = torch.tensor([w.shape[0] / N for w in wavs])
+    return idx, out, lens
+
+
+def batches_by_length(items: list[Item], seconds: float) -> list[list[int]]:
+    order = sorted(range(len(items)), key=lambda i: -items[i].num_samples / items[i].sr)
+    out, cur, cur_max = [], [], 0.0
+    for i in order:
+        d = items[i].num_samples / items[i].sr
+        if cur and max(cur_max, d) * (len(cur) + 1) > seconds:
+            out.append(cur)
+            cur, cur_max = [], 0.0
+        cur.append(i)
+        cur_max = max(cur_max, d)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def greedy_per(ctc_logp: torch.Tensor, T: int, ids: list[int]) -> float:
+    """PER (%) of the CTC best path against the expected tokens (a cheap transcript-mismatch detector)."""
+    from speechbrain.utils.edit_distance import wer_details_for_batch
+
+    best = ctc_logp[:T].argmax(-1).tolist()
+    hyp, prev = [], None
+    for b in best:
+        if b != prev and b != 0:
+            hyp.append(b)
+        prev = b
+    d = wer_details_for_batch(["u"], [ids], [hyp])[0]
+    return 100.0 * d["num_edits"] / max(1, len(ids))
+
+
+@torch.inference_mode()
+def _model_scores(modules, hparams, wavs, lens, tok_bos, tok_lens, kind: str, use_amp: bool):
+    """(ctc_logp [B,T,V] float, attention [B,U+1,T] or None, frame lengths); the decoder runs only when needed."""
+    from common.model import abs_lengths, ctc_log_probs, compute_feats, encode, forward_scores
+
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+        if kind == "ctc":
+            enc = encode(modules, compute_feats(modules, hparams, wavs, lens), lens)
+            ctc_logp, attn, enc_lens = ctc_log_probs(modules, hparams, enc), None, abs_lengths(lens, enc.shape[1])
+        else:
+            out = forward_scores(modules, hparams, wavs, lens, tok_bos, tok_lens)
+            ctc_logp, attn, enc_lens = out["ctc_logp"], out["attn"].float(), out["enc_lens"]
+    return ctc_logp.float(), attn, [int(x) for x in enc_lens.tolist()]
+
+
+def export_corpus(opts: Options) -> dict:
+    from tqdm import tqdm
+
+    from common.model import load_for_inference
+
+    t0 = time.time()
+    device = resolve_device(opts.device)
+    if opts.scores not in A.SCORE_KINDS:
+        raise UserError(f"--scores must be one of {', '.join(A.SCORE_KINDS)}")
+    modules, hparams, vocab = load_for_inference(opts.model_dir, device)
+    items = prepare_items(opts, vocab)
+    check_feasible(items, hparams, opts.edge_silence)
+    report_dir = opts.corpus / "durations"
+    align_file = report_dir / "alignments.jsonl"
+    todo = [it for it in items if opts.overwrite or not it.out.is_file()]
+    skipped = len(items) - len(todo)
+    if opts.overwrite and align_file.is_file():
+        align_file.unlink()
+    model_sr = int(hparams["sample_rate"])
+    hop_s = float(hparams["hop_length"]) / 1000.0
+    results: dict[str, dict] = {}
+    failures: dict[str, str] = {}
+    loader = torch.utils.data.DataLoader(_Audio(todo, model_sr), batch_sampler=batches_by_length(todo, opts.batch_seconds),
+                                         collate_fn=_collate, num_workers=1 if len(todo) > 1 else 0)
+    plots_left = opts.plots
+    use_amp = device.startswith("cuda")
+    audio_s = 0.0
+    bar = tqdm(total=len(todo), desc="export", unit="utt", disable=not opts.progress)
+    for idx, wavs, lens in loader:
+        batch = [todo[i] for i in idx]
+        tok_bos = torch.zeros(len(batch), max(len(it.ids) for it in batch) + 1, dtype=torch.long)
+        tok_lens = torch.zeros(len(batch))
+        for k, it in enumerate(batch):
+            tok_bos[k, 0] = BOS_ID
+            tok_bos[k, 1 : len(it.ids) + 1] = torch.tensor(it.ids)
+            tok_lens[k] = (len(it.ids) + 1) / tok_bos.shape[1]
+        ctc_logp, attn, frame_lens = _model_scores(modules, hparams, wavs.to(device), lens.to(device),
+                                                   tok_bos.to(device), tok_lens.to(device), opts.scores, use_amp)
+        units, scores = [], []
+        for k, it in enumerate(batch):
+            u, lead, trail = A.alignment_units(it.tokens, opts.edge_silence)
+            units.append((u, lead, trail))
+            att_k = None if attn is None else attn[k, :, : frame_lens[k]]
+            scores.append(A.score_matrix(ctc_logp[k, : frame_lens[k]], att_k, it.ids, lead, trail, opts.scores,
+                                         opts.ctc_weight))
+        frames = A.mas_frames(scores, frame_lens)
+        for k, it in enumerate(batch):
+            try:
+                results[it.rel] = _write_one(it, units[k], frames[k], ctc_logp[k, : frame_lens[k]], hop_s, opts,
+                                             align_file)
+                if plots_left > 0:
+                    _plot(it, units[k][0], frames[k], scores[k], hop_s, report_dir / "plots")
+                    plots_left -= 1
+                audio_s += it.num_samples / it.sr
+            except (UserError, ValueError, OSError) as err:
+                failures[it.rel] = str(err)
+        bar.update(len(batch))
+    bar.close()
+    flagged = {rel: r["flags"] for rel, r in results.items() if r["flags"]}
+    elapsed = time.time() - t0
+    report = {
+        "corpus": str(opts.corpus), "model_dir": str(opts.model_dir), "device": device, "scores": opts.scores,
+        "format": opts.fmt, "add_blank": opts.add_blank, "hop_length": opts.hop_length,
+        "mel_lengths_from": "audio" if opts.no_mels else "mels/",
+        "counts": {"success": len(results), "failure": len(failures), "skipped_existing": skipped,
+                   "total": len(items)},
+        "failures": failures, "flagged": flagged,
+        "flag_rules": {"low_confidence": f"mean phone confidence < {opts.low_conf}",
+                       "long_phone": f"a phone longer than {opts.max_phone_s}s",
+                       "high_per": f"CTC greedy PER vs the transcript > {opts.high_per}%"},
+        "utterances": {rel: {k: r[k] for k in ("confidence", "greedy_per", "frames", "flags")}
+                       for rel, r in results.items()},
+        "seconds": round(elapsed, 2), "audio_seconds": round(audio_s, 2),
+        "realtime_factor": round(audio_s / elapsed, 1) if elapsed > 0 else None,
+    }
+    write_json(report_dir / "export_report.json", report)
+    return report
+
+
+def _write_one(it: Item, units, frames: np.ndarray, ctc_logp: torch.Tensor, hop_s: float, opts: Options,
+               align_file: Path) -> dict:
+    tokens, lead, trail = units
+    duration = it.num_samples / it.sr
+    seq, counts = matcha_layout(tokens, frames.tolist(), add_blank=opts.add_blank)
+    ends = A.frame_ends_seconds(np.asarray(counts), hop_s, duration)
+    durs = boundaries_to_matcha(ends, it.mel_frames, it.sr, opts.hop_length)
+    conf = A.token_confidence(ctc_logp, it.ids, frames, lead)
+    per = greedy_per(ctc_logp, ctc_logp.shape[0], it.ids)
+    unit_ends = A.frame_ends_seconds(frames, hop_s, duration)
+    phone_s = np.diff(np.concatenate([[0.0], unit_ends]))
+    flags = []
+    if conf.mean() < opts.low_conf:
+        flags.append("low_confidence")
+    phone_mask = [t not in A.SILENCE_TOKENS and t != A.SIL for t in tokens]
+    if np.any(phone_s[phone_mask] > opts.max_phone_s):
+        flags.append("long_phone")
+    if per > opts.high_per:
+        flags.append("high_per")
+    rec = alignment_record(it.rel, seq, durs, add_blank=opts.add_blank, sample_rate=it.sr,
+                           hop_length=opts.hop_length, aligned_tokens=tokens,
+                           aligned_ends_s=[round(float(e), 5) for e in unit_ends],
+                           confidence=[round(float(c), 4) for c in conf])
+    append_alignment(align_file, rec)
+    if opts.textgrid:
+        from common.boundaries import Segment
+        from common.textgrid import words_from_spans, write_textgrid
+
+        starts = np.concatenate([[0.0], unit_ends[:-1]])
+        spans = [Segment(float(s), float(e), t) for s, e, t in zip(starts, unit_ends, tokens)]
+        tg = safe_join(opts.corpus / "textgrids", it.rel + ".TextGrid", it.where)
+        write_textgrid(tg, [s for s in spans if s.label not in (A.SIL,)], words_from_spans(spans), duration)
+    write_durations(it.out, durs, opts.fmt)
+    return {"confidence": round(float(conf.mean()), 4), "greedy_per": round(per, 2), "frames": int(durs.sum()),
+            "flags": flags}
+
+
+def _plot(it: Item, tokens, frames, scores: torch.Tensor, hop_s: float, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common.audio import load_audio as _load
+    from common.io import atomic_path
+
+    wav, sr = _load(it.wav)
+    S = scores.cpu().numpy()
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 6), sharex=False)
+    ax1.specgram(wav.numpy(), NFFT=512, Fs=sr, noverlap=384, cmap="magma")
+    ends = np.cumsum(frames)
+    for e, t in zip(ends, tokens):
+        ax1.axvline((e - 0.5) * hop_s, color="c", lw=0.6)
+    starts = np.concatenate([[0], ends[:-1]])
+    for s, e, t in zip(starts, ends, tokens):
+        ax1.text(((s + e) / 2 - 0.5) * hop_s, sr * 0.45, t, color="w", ha="center", fontsize=7)
+    ax1.set_ylabel("Hz")
+    ax1.set_title(f"{it.rel}: audio with phone boundaries")
+    ax2.imshow(np.maximum(S, -20), aspect="auto", origin="lower", interpolation="nearest")
+    path_t = np.arange(int(ends[-1]))
+    path_u = np.searchsorted(ends, path_t, side="right")
+    ax2.plot(path_t, path_u, "r-", lw=0.8)
+    ax2.set_xlabel("encoder frame (10 ms)")
+    ax2.set_ylabel("token")
+    ax2.set_title("alignment scores with the MAS path")
+    fig.tight_layout()
+    target = safe_join(out_dir, it.rel.replace("/", "__") + ".png", it.where)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
