@@ -1,0 +1,63 @@
+"""Shared test helpers: a tiny festival corpus and a tiny trained recognizer (CPU, about a minute).
+
+``tests/conftest.py`` wraps them in session fixtures (``tiny_corpus``, ``tiny_model``) so every test module that
+needs a corpus or a trained model builds it once per session.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small and fast: trains in well under a minute on one CPU thread.
+TINY_MODEL = dict(conv_channels=96, rnn_neurons=96, rnn_layers=1, enc_dim=96, dec_neurons=96, attn_dim=64,
+                  emb_size=32, dropout=0.0, test_beam_search=False, num_threads=1)
+# Overfit mode: the first OVERFIT_UTTS training rows, overfit_repeats (10) steps per epoch.
+OVERFIT_UTTS = 4
+OVERFIT = dict(overfit_one_batch=True, overfit_batch_size=OVERFIT_UTTS, overfit_epochs=15, lr=0.003,
+               lr_annealing_factor=1.0, skip_test=True)
+
+
+def have_festival() -> bool:
+    return shutil.which("festival") is not None
+
+
+def subprocess_env() -> dict:
+    """Environment for child processes: one BLAS/OpenMP thread (two threads on a busy shared CPU are ~50x slower)."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+def run(cmd: list, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                       env=subprocess_env())
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return r
+
+
+def build_tiny_corpus(root: Path, num_utts: int = 30) -> Path:
+    """festival corpus (22050 Hz, 3 voices) + manifests with festival phones; returns the manifest folder."""
+    root = Path(root)
+    run([sys.executable, ROOT / "data_prep/synth_corpus.py", root / "corpus", "--num_utts", num_utts,
+         "--sample_rate", "22050", "--no_progress"])
+    run([sys.executable, ROOT / "data_prep/make_manifests.py", "--corpus", root / "corpus", "--format", "matcha",
+         "--out", root / "man", "--phones_tsv", root / "corpus/phones.tsv", "--split_by", "text",
+         "--valid_fraction", "0.15", "--test_fraction", "0.15", "--no_progress"])
+    return root / "man"
+
+
+def train_tiny(data: Path, out: Path, timeout: float = 600, **overrides) -> Path:
+    """``recipes/train.py`` with the tiny model in overfit mode (``overrides`` replace any key); returns the
+    output folder."""
+    args = []
+    for k, v in {**TINY_MODEL, **OVERFIT, **overrides}.items():
+        args += [f"--{k}", v]
+    run([sys.executable, ROOT / "recipes/train.py", ROOT / "hparams/phoneme.yaml", "--data_folder", data,
+         "--output_folder", out, "--noprogressbar", *args], timeout=timeout)
+    return Path(out)
