@@ -30,10 +30,12 @@ def parse_args(argv=None) -> Options:
     p.add_argument("--scores", choices=SCORE_KINDS, default="ctc", help="what MAS maximizes (default ctc: measured best)")
     p.add_argument("--ctc_weight", type=float, default=0.5, help="weight of CTC in --scores joint")
     p.add_argument("--format", dest="fmt", choices=("pt", "npy"), default="pt")
-    p.add_argument("--add_blank", action=argparse.BooleanOptionalAction, default=True,
-                   help="durations for Matcha's interspersed [0, p1, 0, ..., pN, 0] sequence (default on)")
-    p.add_argument("--edge_silence", action=argparse.BooleanOptionalAction, default=True,
-                   help="align leading/trailing silence to its own slot (-> the first/last blank)")
+    p.add_argument("--add_blank", dest="add_blank", action="store_true", default=True,
+                   help="durations for Matcha's interspersed [0, p1, 0, ..., pN, 0] sequence (default, as Matcha)")
+    p.add_argument("--no_add_blank", dest="add_blank", action="store_false", help="one duration per token")
+    p.add_argument("--edge_silence", dest="edge_silence", action="store_true", default=True,
+                   help="align leading/trailing silence to its own slot (-> the first/last blank; default)")
+    p.add_argument("--no_edge_silence", dest="edge_silence", action="store_false")
     p.add_argument("--textgrid", action="store_true", help="also write DIR/textgrids/{rel_path}.TextGrid")
     p.add_argument("--plots", type=int, default=0, metavar="N", help="PNG plots of N utterances (DIR/durations/plots)")
     p.add_argument("--overwrite", action="store_true", help="recompute existing duration files")

@@ -234,6 +234,14 @@ def _model_scores(modules, hparams, wavs, lens, tok_bos, tok_lens, kind: str, us
     return ctc_logp.float(), attn, [int(x) for x in enc_lens.tolist()]
 
 
+def _remove_stale_temps(folders) -> None:
+    """Temp files of a run that was killed mid-write (``.name.XXXX.tmp``, see common.io.atomic_path)."""
+    for d in folders:
+        if Path(d).is_dir():
+            for tmp in Path(d).glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+
 def export_corpus(opts: Options) -> dict:
     from tqdm import tqdm
 
@@ -248,6 +256,7 @@ def export_corpus(opts: Options) -> dict:
     check_feasible(items, hparams, opts.edge_silence)
     report_dir = opts.corpus / "durations"
     align_file = report_dir / "alignments.jsonl"
+    _remove_stale_temps({it.out.parent for it in items} | {report_dir})
     todo = [it for it in items if opts.overwrite or not it.out.is_file()]
     skipped = len(items) - len(todo)
     if opts.overwrite and align_file.is_file():

@@ -4,7 +4,8 @@ Default G2P: phonemizer's espeak-ng backend with the row's language, keeping str
 phonemizer cleaners do (``preserve_punctuation=True, with_stress=True``, whitespace collapsed). A token is one IPA
 character; the word-boundary space becomes ``vocab.WORD_SEP``.
 
-Pluggable: ``--g2p module:function`` (``function(text, language) -> str``) and ``--symbols module:attr``.
+Pluggable: ``--g2p module:function`` (``function(text, language) -> str``, or a one-argument text cleaner such as
+``matcha.text.cleaners:english_cleaners2``) and ``--symbols module:attr``.
 Results are cached per (g2p, language, text) in a JSON file so a re-run only phonemizes new text.
 """
 from __future__ import annotations
@@ -77,6 +78,18 @@ def espeak_languages() -> dict[str, str]:
         raise UserError(f"espeak-ng not usable ({err}); install it: apt-get install -y espeak-ng") from None
 
 
+def _takes_two_args(fn) -> bool:
+    """True for ``fn(text, language)``; False for a one-argument cleaner such as Matcha's ``english_cleaners2``."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
 class G2P:
     """Phonemize many (text, language) pairs with a persistent cache; espeak batches run in parallel."""
 
@@ -85,9 +98,10 @@ class G2P:
         self.njobs = max(1, int(njobs))
         self.fn: Callable[[str, str], str] | None = None
         if self.spec != DEFAULT_G2P:
-            self.fn = load_attr(self.spec, "--g2p")
-            if not callable(self.fn):
+            fn = load_attr(self.spec, "--g2p")
+            if not callable(fn):
                 raise UserError(f"--g2p {self.spec!r} is not callable; give module:function(text, language) -> str")
+            self.fn = fn if _takes_two_args(fn) else (lambda text, language: fn(text))
         self.cache_file = Path(cache_file) if cache_file else None
         self.cache: dict[str, str] = {}
         if self.cache_file and self.cache_file.is_file():

@@ -274,6 +274,7 @@ def load_for_inference(model_dir, device: str = "cpu", min_key: str = "PER", ove
     with open(hp_file, encoding="utf-8") as fh:
         hparams = load_hyperpyyaml(fh, ov)
     ckpter = hparams["checkpointer"]
+    ckpter.checkpoints_dir = model_dir / "save"  # the saved yaml holds absolute paths of the original run folder
     ckpt = ckpter.find_checkpoint(min_key=min_key) if min_key else None
     if ckpt is None:
         ckpt = ckpter.find_checkpoint()

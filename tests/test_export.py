@@ -1,0 +1,204 @@
+"""align/export_durations.py end to end: a tiny trained model, our durations loaded by Matcha's own code."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from common.durations import read_alignments
+from tests.utils import ROOT, run, subprocess_env, train_tiny
+
+EXPORT = ROOT / "align" / "export_durations.py"
+MATCHA_G2P = "matcha.text.cleaners:english_cleaners2"
+MATCHA_SYMBOLS = "matcha.text.symbols:symbols"
+
+matcha_text = pytest.importorskip("matcha.text", reason="matcha-tts not installed (scripts/setup.sh installs it)")
+
+
+def export(corpus, model, *args, check=True, timeout=300):
+    return run([sys.executable, EXPORT, "--corpus", corpus, "--model_dir", model, "--no_progress", *args],
+               check=check, timeout=timeout)
+
+
+def rows(corpus: Path) -> list[tuple[str, str]]:
+    out = []
+    for line in (corpus / "metadata.csv").read_text(encoding="utf-8").splitlines():
+        rel, _, _, text = line.split("|")
+        out.append((rel, text))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ipa_model(tiny_corpus, tmp_path_factory):
+    """A tiny model trained on Matcha's own G2P (english_cleaners2) and symbol table."""
+    root = tmp_path_factory.mktemp("ipa")
+    corpus = tiny_corpus.parent / "corpus"
+    run([sys.executable, ROOT / "data_prep/make_manifests.py", "--corpus", corpus, "--out", root / "man",
+         "--g2p", MATCHA_G2P, "--symbols", MATCHA_SYMBOLS, "--valid_fraction", "0.15", "--test_fraction", "0.15",
+         "--no_progress"])
+    return corpus, train_tiny(root / "man", root / "run")
+
+
+@pytest.fixture
+def corpus_copy(ipa_model, tmp_path):
+    src, model = ipa_model
+    dst = tmp_path / "corpus"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("durations", "textgrids", "mels"))
+    return dst, model
+
+
+def matcha_ids(text: str) -> list[int]:
+    from matcha.utils.utils import intersperse
+
+    seq, _ = matcha_text.text_to_sequence(text, ["english_cleaners2"])
+    return intersperse(seq, 0)
+
+
+def check_generate_path(durs: list[torch.Tensor], mel_lens: list[int]) -> None:
+    from matcha.utils.model import generate_path, sequence_mask
+
+    xl, yl = torch.tensor([len(d) for d in durs]), torch.tensor(mel_lens)
+    dur = torch.zeros(len(durs), int(xl.max()), dtype=torch.long)
+    for i, d in enumerate(durs):
+        dur[i, : len(d)] = d
+    mask = sequence_mask(xl, int(xl.max())).unsqueeze(-1).float() * sequence_mask(yl, int(yl.max())).unsqueeze(1).float()
+    attn = generate_path(dur, mask)
+    for i, (tx, ty) in enumerate(zip(xl.tolist(), yl.tolist())):
+        assert torch.equal(attn[i, :tx, :ty].sum(0), torch.ones(ty))
+
+
+def test_pt_layout_sums_to_matcha_mels(corpus_copy):
+    from matcha.utils.audio import mel_spectrogram
+
+    corpus, model = corpus_copy
+    lens = {}
+    for rel, _ in rows(corpus):  # Matcha's own mels, as a Matcha user has them
+        y, sr = sf.read(corpus / "wavs" / f"{rel}.wav", dtype="float32")
+        mel = mel_spectrogram(torch.from_numpy(y)[None], 1024, 80, sr, 256, 1024, 0, 8000, center=False)
+        (corpus / "mels" / rel).parent.mkdir(parents=True, exist_ok=True)
+        np.save(corpus / "mels" / f"{rel}.npy", mel[0].numpy())
+        lens[rel] = mel.shape[-1]
+    r = export(corpus, model, "--textgrid", "--plots", "1")
+    assert "CUDA is not available: running on CPU" in r.stdout
+    durs, mel_lens = [], []
+    for rel, text in rows(corpus):
+        d = torch.load(corpus / "durations" / f"{rel}.pt")
+        assert d.dtype == torch.long and d.ndim == 1 and bool((d >= 0).all())
+        assert len(d) == len(matcha_ids(text)), rel  # the interspersed sequence Matcha feeds
+        assert int(d.sum()) == lens[rel], rel  # exactly the Matcha mel length
+        assert (corpus / "textgrids" / f"{rel}.TextGrid").is_file()
+        durs.append(d)
+        mel_lens.append(lens[rel])
+    check_generate_path(durs, mel_lens)
+    rep = json.loads((corpus / "durations" / "export_report.json").read_text())
+    assert rep["counts"] == {"success": len(lens), "failure": 0, "skipped_existing": 0, "total": len(lens)}
+    assert len(read_alignments(corpus / "durations" / "alignments.jsonl")) == len(lens)
+    assert len(list((corpus / "durations" / "plots").glob("*.png"))) == 1
+    # a second run skips everything; --no_add_blank gives one count per token
+    r = export(corpus, model)
+    assert "0 written" in r.stdout and f"{len(lens)} skipped" in r.stdout
+    export(corpus, model, "--no_add_blank", "--overwrite")
+    for rel, text in rows(corpus)[:3]:
+        d = torch.load(corpus / "durations" / f"{rel}.pt")
+        assert len(d) == (len(matcha_ids(text)) - 1) // 2 and int(d.sum()) == lens[rel]
+
+
+def test_npy_layout_loads_in_text_mel_dataset(corpus_copy, monkeypatch):
+    import matcha.data.text_mel_datamodule as tmd
+
+    corpus, model = corpus_copy
+    export(corpus, model, "--format", "npy", "--no_mels")
+    monkeypatch.setattr(tmd.ta, "load", lambda p: (torch.from_numpy(sf.read(str(p), dtype="float32", always_2d=True)[0].T.copy()),
+                                                   sf.info(str(p)).samplerate))
+    filelist = corpus / "filelist.txt"
+    filelist.write_text("".join(f"{corpus / 'wavs' / rel}.wav|{text}\n" for rel, text in rows(corpus)))
+    ds = tmd.TextMelDataset(str(filelist), 1, ["english_cleaners2"], add_blank=True, n_fft=1024, n_mels=80,
+                            sample_rate=22050, hop_length=256, win_length=1024, f_min=0.0, f_max=8000,
+                            load_durations=True)
+    items = [ds[i] for i in range(len(ds))]
+    for it in items:
+        assert len(it["durations"]) == len(it["x"])  # Matcha's own add_blank text
+        assert int(it["durations"].sum()) == it["y"].shape[-1]  # the mel Matcha itself computes
+    check_generate_path([it["durations"] for it in items], [it["y"].shape[-1] for it in items])
+    stems = {Path(rel).name for rel, _ in rows(corpus)}
+    assert {p.stem for p in (corpus / "wavs" / "durations").glob("*.npy")} == stems
+
+
+def one_line_error(r, *needles):
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_missing_mels_is_an_error_listing_files(corpus_copy):
+    corpus, model = corpus_copy
+    r = export(corpus, model, check=False)
+    one_line_error(r, "mel file(s) missing", "mels/", "--no_mels")
+    assert not (corpus / "durations").exists()
+
+
+def test_bad_rows(corpus_copy, tmp_path):
+    corpus, model = corpus_copy
+    meta = (corpus / "metadata.csv").read_text()
+    first = meta.splitlines()[0].split("|")
+    # rel_path escaping the corpus
+    (corpus / "metadata.csv").write_text(meta + "../../etc/passwd|0|en-us|hello\n")
+    one_line_error(export(corpus, model, "--no_mels", check=False), "leaves the corpus")
+    # audio too short for its tokens
+    sf.write(corpus / "wavs" / "short.wav", np.zeros(800, dtype="float32"), 22050)
+    (corpus / "metadata.csv").write_text(meta + "short|0|en-us|" + "a very long sentence indeed " * 3 + "\n")
+    one_line_error(export(corpus, model, "--no_mels", check=False), "short", "audio too short for its tokens")
+    # a symbol outside the model's symbol table
+    (corpus / "metadata.csv").write_text(meta + f"{first[0]}x|0|en-us|{first[3]}\n")
+    shutil.copy(corpus / "wavs" / f"{first[0]}.wav", corpus / "wavs" / f"{first[0]}x.wav")
+    (tmp_path / "narrow.py").write_text("from matcha.text.symbols import symbols\nsymbols = [s for s in symbols if s != 'ə']\n")
+    r2 = subprocess.run([sys.executable, EXPORT, "--corpus", str(corpus), "--model_dir", str(model), "--no_mels",
+                         "--symbols", "narrow:symbols", "--no_progress"], capture_output=True, text=True, cwd=tmp_path,
+                        env={**subprocess_env(), "PYTHONPATH": f"{ROOT}:{tmp_path}"})
+    one_line_error(r2, "metadata.csv:", "'ə'", "not in --symbols")
+    # model / vocabulary mismatch: a G2P whose symbols the model never saw (upper-case letters)
+    (corpus / "metadata.csv").write_text(meta)
+    (tmp_path / "upper.py").write_text("def g2p(text, language):\n    return text.upper()\n")
+    r3 = subprocess.run([sys.executable, EXPORT, "--corpus", str(corpus), "--model_dir", str(model), "--no_mels",
+                         "--g2p", "upper:g2p", "--no_progress"], capture_output=True, text=True, cwd=tmp_path,
+                        env={**subprocess_env(), "PYTHONPATH": f"{ROOT}:{tmp_path}"})
+    one_line_error(r3, "metadata.csv:1", "not in the model's tokens.txt")
+    # no model
+    one_line_error(export(corpus, tmp_path / "nomodel", "--no_mels", check=False), "not found")
+    assert not (corpus / "durations").exists()
+
+
+def test_resume_after_kill_leaves_no_partial_files(corpus_copy):
+    corpus, model = corpus_copy
+    cmd = [sys.executable, str(EXPORT), "--corpus", str(corpus), "--model_dir", str(model), "--no_mels",
+           "--no_progress", "--batch_seconds", "4"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = corpus / "durations"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(out.rglob("*.pt"))) < 3 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = list(out.rglob("*.pt"))
+    total = len(rows(corpus))
+    assert 0 < len(done) < total, "kill landed before the first or after the last file; cannot test resume"
+    for p in done:  # whatever is there is whole
+        assert torch.load(p).dtype == torch.long
+    r = export(corpus, model, "--no_mels")
+    rep = json.loads((out / "export_report.json").read_text())
+    assert rep["counts"]["skipped_existing"] >= len(done) and rep["counts"]["failure"] == 0
+    assert len(list(out.rglob("*.pt"))) == total
+    assert not list(out.rglob(".*.tmp"))
+    assert set(read_alignments(out / "alignments.jsonl")) == {rel for rel, _ in rows(corpus)}
+    assert "written" in r.stdout
