@@ -11,6 +11,12 @@ Edge silence: when a token sequence does not start (end) with a silence token, a
 blank log-posterior is put in front (behind), so leading/trailing silence is not glued to the first/last phone.
 MAS gives each row >= 1 frame.
 
+CTC anchoring: MAS over raw CTC posteriors is fragile, because CTC is peaky: in the many blank-dominated frames
+every token is improbable, and a frequent token (or a blank-scored silence slot) can swallow whole stretches.
+So each token is first pinned to the frames where CTC emits it, by CTC forced alignment (Viterbi over the CTC
+topology, ``torchaudio.functional.forced_align``): no other row may take those frames. MAS then only decides
+where, between two consecutive emissions, one token ends and the next begins.
+
 Frame time convention: encoder frame ``t`` is centred at ``t * hop`` (SpeechBrain's Fbank pads the signal,
 ``center=True``), so the boundary between frames ``t-1`` and ``t`` lies at ``(t - 0.5) * hop`` seconds; the last
 boundary is the end of the audio.
@@ -25,7 +31,8 @@ from common.mas import maximum_path
 
 SIL = "<sil>"
 SCORE_KINDS = ("ctc", "attention", "joint")
-LOG_FLOOR = -1e4  # keeps -inf out of MAS (value * mask must stay finite)
+LOG_FLOOR = -50.0  # scores are log-probabilities floored here (keeps -inf out of MAS)
+FORBID = -1e4  # a cell no path may use (another token's CTC emission)
 
 
 def alignment_units(tokens: list[str], edge_silence: bool = True) -> tuple[list[str], bool, bool]:
@@ -59,6 +66,34 @@ def score_matrix(ctc_logp: torch.Tensor, attn: torch.Tensor | None, ids: list[in
     if trail:
         rows.append(blank)
     return torch.cat(rows, 0).float().clamp_min(LOG_FLOOR)
+
+
+def ctc_emissions(ctc_logp: torch.Tensor, ids: list[int], blank_id: int = 0) -> list[tuple[int, int]] | None:
+    """Frames [start, end) where CTC forced alignment emits each token, or None when it cannot align."""
+    import torchaudio.functional as taf
+
+    if not ids:
+        return None
+    try:
+        lp = ctc_logp.detach().float().cpu()[None]
+        ali, scores = taf.forced_align(lp, torch.as_tensor([ids], dtype=torch.int32), blank=blank_id)
+        spans = taf.merge_tokens(ali[0], scores[0].exp(), blank=blank_id)
+    except (RuntimeError, ValueError):  # infeasible (too few frames for the repeats)
+        return None
+    if len(spans) != len(ids):
+        return None
+    return [(int(sp.start), int(sp.end)) for sp in spans]
+
+
+def anchor(score: torch.Tensor, spans: list[tuple[int, int]], lead: bool) -> torch.Tensor:
+    """Forbid every other row at each token's CTC-emission frames."""
+    out = score.clone()
+    off = 1 if lead else 0
+    for k, (a, b) in enumerate(spans):
+        keep = out[k + off, a:b].clone()
+        out[:, a:b] = FORBID
+        out[k + off, a:b] = keep
+    return out
 
 
 def mas_frames(scores: list[torch.Tensor], frame_lens: list[int]) -> list[np.ndarray]:

@@ -55,6 +55,8 @@ class Options:
     low_conf: float = 0.5
     max_phone_s: float = 1.0
     high_per: float = 30.0
+    anchor: bool = True  # pin tokens to their CTC forced-alignment emissions before MAS (common/align.py)
+    refine: int = 0  # rounds of Viterbi re-training of a local frame classifier (common/refine.py)
 
 
 @dataclass
@@ -221,17 +223,17 @@ def greedy_per(ctc_logp: torch.Tensor, T: int, ids: list[int]) -> float:
 
 @torch.inference_mode()
 def _model_scores(modules, hparams, wavs, lens, tok_bos, tok_lens, kind: str, use_amp: bool):
-    """(ctc_logp [B,T,V] float, attention [B,U+1,T] or None, frame lengths); the decoder runs only when needed."""
-    from common.model import abs_lengths, ctc_log_probs, compute_feats, encode, forward_scores
+    """(ctc_logp [B,T,V] float, attention [B,U+1,T] or None, frame lengths, features [B,T,F]); the attention
+    decoder runs only when the scores need it."""
+    from common.model import abs_lengths, attention_decode, ctc_log_probs, compute_feats, encode
 
     with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-        if kind == "ctc":
-            enc = encode(modules, compute_feats(modules, hparams, wavs, lens), lens)
-            ctc_logp, attn, enc_lens = ctc_log_probs(modules, hparams, enc), None, abs_lengths(lens, enc.shape[1])
-        else:
-            out = forward_scores(modules, hparams, wavs, lens, tok_bos, tok_lens)
-            ctc_logp, attn, enc_lens = out["ctc_logp"], out["attn"].float(), out["enc_lens"]
-    return ctc_logp.float(), attn, [int(x) for x in enc_lens.tolist()]
+        feats = compute_feats(modules, hparams, wavs, lens)
+        enc = encode(modules, feats, lens)
+        ctc_logp, attn = ctc_log_probs(modules, hparams, enc), None
+        if kind != "ctc":
+            attn = attention_decode(modules, hparams, enc, lens, tok_bos)[1].float()
+    return ctc_logp.float(), attn, [int(x) for x in abs_lengths(lens, enc.shape[1]).tolist()], feats.float()
 
 
 def _remove_stale_temps(folders) -> None:
@@ -267,7 +269,8 @@ def export_corpus(opts: Options) -> dict:
     failures: dict[str, str] = {}
     loader = torch.utils.data.DataLoader(_Audio(todo, model_sr), batch_sampler=batches_by_length(todo, opts.batch_seconds),
                                          collate_fn=_collate, num_workers=1 if len(todo) > 1 else 0)
-    plots_left = opts.plots
+    plots = {"left": opts.plots, "dir": report_dir / "plots"}
+    pending: list[dict] = []
     use_amp = device.startswith("cuda")
     audio_s = 0.0
     bar = tqdm(total=len(todo), desc="export", unit="utt", disable=not opts.progress)
@@ -279,28 +282,36 @@ def export_corpus(opts: Options) -> dict:
             tok_bos[k, 0] = BOS_ID
             tok_bos[k, 1 : len(it.ids) + 1] = torch.tensor(it.ids)
             tok_lens[k] = (len(it.ids) + 1) / tok_bos.shape[1]
-        ctc_logp, attn, frame_lens = _model_scores(modules, hparams, wavs.to(device), lens.to(device),
-                                                   tok_bos.to(device), tok_lens.to(device), opts.scores, use_amp)
+        ctc_logp, attn, frame_lens, feats = _model_scores(modules, hparams, wavs.to(device), lens.to(device),
+                                                          tok_bos.to(device), tok_lens.to(device), opts.scores,
+                                                          use_amp)
         units, scores = [], []
         for k, it in enumerate(batch):
             u, lead, trail = A.alignment_units(it.tokens, opts.edge_silence)
             units.append((u, lead, trail))
             att_k = None if attn is None else attn[k, :, : frame_lens[k]]
-            scores.append(A.score_matrix(ctc_logp[k, : frame_lens[k]], att_k, it.ids, lead, trail, opts.scores,
-                                         opts.ctc_weight))
+            sc = A.score_matrix(ctc_logp[k, : frame_lens[k]], att_k, it.ids, lead, trail, opts.scores, opts.ctc_weight)
+            spans = A.ctc_emissions(ctc_logp[k, : frame_lens[k]], it.ids) if opts.anchor else None
+            scores.append(A.anchor(sc, spans, lead) if spans else sc)
         frames = A.mas_frames(scores, frame_lens)
-        for k, it in enumerate(batch):
-            try:
-                results[it.rel] = _write_one(it, units[k], frames[k], ctc_logp[k, : frame_lens[k]], hop_s, opts,
-                                             align_file)
-                if plots_left > 0:
-                    _plot(it, units[k][0], frames[k], scores[k], hop_s, report_dir / "plots")
-                    plots_left -= 1
-                audio_s += it.num_samples / it.sr
-            except (UserError, ValueError, OSError) as err:
-                failures[it.rel] = str(err)
+        done = [dict(it=it, units=units[k], frames=frames[k], ctc=ctc_logp[k, : frame_lens[k]].cpu(),
+                     scores=scores[k].cpu(), feats=feats[k, : frame_lens[k]].cpu() if opts.refine else None)
+                for k, it in enumerate(batch)]
+        if opts.refine:
+            pending += done  # refinement needs the whole corpus: write after it
+        else:
+            audio_s += _write_all(done, hop_s, opts, align_file, results, failures, plots)
         bar.update(len(batch))
     bar.close()
+    if pending:
+        from common.refine import refine
+
+        classes = [[0 if u == A.SIL else vocab.index[u] for u in d["units"][0]] for d in pending]
+        new = refine([d["feats"] for d in pending], classes, [d["frames"] for d in pending], len(vocab),
+                     rounds=opts.refine, prior=[d["ctc"] for d in pending], log=print if opts.progress else None)
+        for d, f in zip(pending, new):
+            d["frames"] = f
+        audio_s += _write_all(pending, hop_s, opts, align_file, results, failures, plots)
     flagged = {rel: r["flags"] for rel, r in results.items() if r["flags"]}
     elapsed = time.time() - t0
     report = {
@@ -320,6 +331,23 @@ def export_corpus(opts: Options) -> dict:
     }
     write_json(report_dir / "export_report.json", report)
     return report
+
+
+def _write_all(done: list[dict], hop_s: float, opts: Options, align_file: Path, results: dict, failures: dict,
+               plots: dict) -> float:
+    """Write every finished utterance; returns the seconds of audio written."""
+    audio_s = 0.0
+    for d in done:
+        it = d["it"]
+        try:
+            results[it.rel] = _write_one(it, d["units"], d["frames"], d["ctc"], hop_s, opts, align_file)
+            if plots["left"] > 0:
+                _plot(it, d["units"][0], d["frames"], d["scores"], hop_s, plots["dir"])
+                plots["left"] -= 1
+            audio_s += it.num_samples / it.sr
+        except (UserError, ValueError, OSError) as err:
+            failures[it.rel] = str(err)
+    return audio_s
 
 
 def _write_one(it: Item, units, frames: np.ndarray, ctc_logp: torch.Tensor, hop_s: float, opts: Options,
