@@ -38,8 +38,6 @@ def parse_args(argv=None) -> Options:
     p.add_argument("--no_edge_silence", dest="edge_silence", action="store_false")
     p.add_argument("--no_anchor", dest="anchor", action="store_false",
                    help="plain MAS, without pinning tokens to their CTC emissions (measured worse; see README)")
-    p.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
-                   help="boundary refinement: rounds of Viterbi re-training of a local frame classifier")
     p.add_argument("--textgrid", action="store_true", help="also write DIR/textgrids/{rel_path}.TextGrid")
     p.add_argument("--plots", type=int, default=0, metavar="N", help="PNG plots of N utterances (DIR/durations/plots)")
     p.add_argument("--overwrite", action="store_true", help="recompute existing duration files")

@@ -56,7 +56,6 @@ class Options:
     max_phone_s: float = 1.0
     high_per: float = 30.0
     anchor: bool = True  # pin tokens to their CTC forced-alignment emissions before MAS (common/align.py)
-    refine: int = 0  # rounds of Viterbi re-training of a local frame classifier (common/refine.py)
 
 
 @dataclass
@@ -80,23 +79,27 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def phoneme_source(model_dir: Path, opts: Options) -> dict:
-    """G2P / symbols / phones_tsv the model was trained with (from its manifests' prep_report.json)."""
+def trained_data_folder(model_dir: Path) -> str | None:
+    """The manifest folder the model was trained on (``data_folder`` in the run's saved hyperparams.yaml)."""
+    import re
+
+    hp = Path(model_dir) / "hyperparams.yaml"
+    m = re.search(r"^data_folder:\s*(.+?)\s*$", hp.read_text(encoding="utf-8"), re.M) if hp.is_file() else None
+    return m.group(1).strip("'\"") if m else None
+
+
+def phoneme_source(data_folder, opts: Options) -> dict:
+    """G2P / symbols / phones_tsv the model was trained with (its manifests' prep_report.json), unless given."""
     src = {"g2p": opts.g2p, "symbols": opts.symbols, "phones_tsv": opts.phones_tsv}
-    card = model_dir / "model_card.json"
-    report = None
-    if card.is_file():
-        data_folder = json.loads(card.read_text(encoding="utf-8")).get("data", {}).get("data_folder")
-        if data_folder and (Path(data_folder) / "prep_report.json").is_file():
-            report = json.loads((Path(data_folder) / "prep_report.json").read_text(encoding="utf-8"))
-    if report and not any(src.values()):
-        o = report.get("options", {})
+    report = Path(str(data_folder)) / "prep_report.json" if data_folder else None
+    if report is not None and report.is_file() and not any(src.values()):
+        o = json.loads(report.read_text(encoding="utf-8")).get("options", {})
         src = {"g2p": o.get("g2p"), "symbols": o.get("symbols"),
                "phones_tsv": Path(o["phones_tsv"]) if o.get("phones_tsv") else None}
     return src
 
 
-def prepare_items(opts: Options, vocab) -> list[Item]:
+def prepare_items(opts: Options, vocab, data_folder=None) -> list[Item]:
     """Read metadata, phonemize, check audio/mels/vocabulary; raise ``UserError`` before anything is written."""
     corpus = opts.corpus
     recs = read_matcha(corpus, opts.metadata, opts.wav_dir, opts.language)
@@ -104,7 +107,7 @@ def prepare_items(opts: Options, vocab) -> list[Item]:
         recs = recs[: opts.limit]
     if not recs:
         raise UserError(f"{corpus}: metadata has no rows")
-    src = phoneme_source(opts.model_dir, opts)
+    src = phoneme_source(data_folder, opts)
     tokens: dict[str, list[str]] = {}
     if src["phones_tsv"]:
         table = read_phones_tsv(Path(src["phones_tsv"]))
@@ -223,17 +226,16 @@ def greedy_per(ctc_logp: torch.Tensor, T: int, ids: list[int]) -> float:
 
 @torch.inference_mode()
 def _model_scores(modules, hparams, wavs, lens, tok_bos, tok_lens, kind: str, use_amp: bool):
-    """(ctc_logp [B,T,V] float, attention [B,U+1,T] or None, frame lengths, features [B,T,F]); the attention
-    decoder runs only when the scores need it."""
+    """(ctc_logp [B,T,V] float, attention [B,U+1,T] or None, frame lengths); the attention decoder runs only
+    when the scores need it."""
     from common.model import abs_lengths, attention_decode, ctc_log_probs, compute_feats, encode
 
     with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-        feats = compute_feats(modules, hparams, wavs, lens)
-        enc = encode(modules, feats, lens)
+        enc = encode(modules, compute_feats(modules, hparams, wavs, lens), lens)
         ctc_logp, attn = ctc_log_probs(modules, hparams, enc), None
         if kind != "ctc":
             attn = attention_decode(modules, hparams, enc, lens, tok_bos)[1].float()
-    return ctc_logp.float(), attn, [int(x) for x in abs_lengths(lens, enc.shape[1]).tolist()], feats.float()
+    return ctc_logp.float(), attn, [int(x) for x in abs_lengths(lens, enc.shape[1]).tolist()]
 
 
 def _remove_stale_temps(folders) -> None:
@@ -254,7 +256,7 @@ def export_corpus(opts: Options) -> dict:
     if opts.scores not in A.SCORE_KINDS:
         raise UserError(f"--scores must be one of {', '.join(A.SCORE_KINDS)}")
     modules, hparams, vocab = load_for_inference(opts.model_dir, device)
-    items = prepare_items(opts, vocab)
+    items = prepare_items(opts, vocab, trained_data_folder(opts.model_dir))
     check_feasible(items, hparams, opts.edge_silence)
     report_dir = opts.corpus / "durations"
     align_file = report_dir / "alignments.jsonl"
@@ -270,7 +272,6 @@ def export_corpus(opts: Options) -> dict:
     loader = torch.utils.data.DataLoader(_Audio(todo, model_sr), batch_sampler=batches_by_length(todo, opts.batch_seconds),
                                          collate_fn=_collate, num_workers=1 if len(todo) > 1 else 0)
     plots = {"left": opts.plots, "dir": report_dir / "plots"}
-    pending: list[dict] = []
     use_amp = device.startswith("cuda")
     audio_s = 0.0
     bar = tqdm(total=len(todo), desc="export", unit="utt", disable=not opts.progress)
@@ -282,9 +283,8 @@ def export_corpus(opts: Options) -> dict:
             tok_bos[k, 0] = BOS_ID
             tok_bos[k, 1 : len(it.ids) + 1] = torch.tensor(it.ids)
             tok_lens[k] = (len(it.ids) + 1) / tok_bos.shape[1]
-        ctc_logp, attn, frame_lens, feats = _model_scores(modules, hparams, wavs.to(device), lens.to(device),
-                                                          tok_bos.to(device), tok_lens.to(device), opts.scores,
-                                                          use_amp)
+        ctc_logp, attn, frame_lens = _model_scores(modules, hparams, wavs.to(device), lens.to(device),
+                                                   tok_bos.to(device), tok_lens.to(device), opts.scores, use_amp)
         units, scores = [], []
         for k, it in enumerate(batch):
             u, lead, trail = A.alignment_units(it.tokens, opts.edge_silence)
@@ -295,23 +295,10 @@ def export_corpus(opts: Options) -> dict:
             scores.append(A.anchor(sc, spans, lead) if spans else sc)
         frames = A.mas_frames(scores, frame_lens)
         done = [dict(it=it, units=units[k], frames=frames[k], ctc=ctc_logp[k, : frame_lens[k]].cpu(),
-                     scores=scores[k].cpu(), feats=feats[k, : frame_lens[k]].cpu() if opts.refine else None)
-                for k, it in enumerate(batch)]
-        if opts.refine:
-            pending += done  # refinement needs the whole corpus: write after it
-        else:
-            audio_s += _write_all(done, hop_s, opts, align_file, results, failures, plots)
+                     scores=scores[k].cpu()) for k, it in enumerate(batch)]
+        audio_s += _write_all(done, hop_s, opts, align_file, results, failures, plots)
         bar.update(len(batch))
     bar.close()
-    if pending:
-        from common.refine import refine
-
-        classes = [[0 if u == A.SIL else vocab.index[u] for u in d["units"][0]] for d in pending]
-        new = refine([d["feats"] for d in pending], classes, [d["frames"] for d in pending], len(vocab),
-                     rounds=opts.refine, prior=[d["ctc"] for d in pending], log=print if opts.progress else None)
-        for d, f in zip(pending, new):
-            d["frames"] = f
-        audio_s += _write_all(pending, hop_s, opts, align_file, results, failures, plots)
     flagged = {rel: r["flags"] for rel, r in results.items() if r["flags"]}
     elapsed = time.time() - t0
     report = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.utils import build_tiny_corpus, have_festival, train_tiny
+from tests.utils import build_tiny_corpus, have_festival, train_aligner, train_tiny
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +17,8 @@ def tiny_corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(tiny_corpus, tmp_path_factory):
     return train_tiny(tiny_corpus, tmp_path_factory.mktemp("tiny_model") / "run")
+
+
+@pytest.fixture(scope="session")
+def aligner_model(tiny_corpus, tmp_path_factory):
+    return train_aligner(tiny_corpus, tmp_path_factory.mktemp("aligner_model") / "run")
