@@ -9,6 +9,12 @@ override; SpeechBrain run options work as usual (``--precision bf16``, ``--grad_
 checkpoint (intra-epoch ones included) when started again with the same ``--output_folder``.
 ``--overfit_one_batch True`` is the sanity mode (train and validate on one batch; PER must reach 0).
 
+Fine-tuning: ``--pretrained_path RUN_OR_CKPT`` starts from an earlier run's best checkpoint (same tokens.txt).
+``--peft lora --lora_r 8 --lora_alpha 16 --lora_dropout 0.05`` then freezes that model and trains LoRA adapters on
+its Linear layers (``--lora_conv True``: Conv layers too); ``--save_full_model True`` saves merged plain weights,
+``False`` the adapters only (+ ``lora.json`` pointing at the base checkpoint). Multi-GPU/CPU:
+``torchrun --nproc_per_node=N recipes/train.py hparams/phoneme.yaml ...`` (gloo is used when there is no CUDA).
+
 Outputs in ``output_folder``: ``hyperparams.yaml`` + ``tokens.txt`` (what ``common.model.load_for_inference``
 reads), ``save/`` (checkpoints: the best by valid PER and the latest), ``train_log.txt``, ``metrics.json``,
 ``model_card.json``, ``per_test.txt`` and, with ``--metrics_csv``, one row in that CSV.
@@ -16,6 +22,7 @@ reads), ``save/`` (checkpoints: the best by valid PER and the latest), ``train_l
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import fcntl
 import os
@@ -34,7 +41,10 @@ if str(ROOT) not in sys.path:
 import speechbrain as sb  # noqa: E402
 import torch  # noqa: E402
 from hyperpyyaml import load_hyperpyyaml  # noqa: E402
-from speechbrain.utils.distributed import if_main_process, run_on_main  # noqa: E402
+from speechbrain.dataio.sampler import DistributedSamplerWrapper  # noqa: E402
+from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks  # noqa: E402
+from speechbrain.utils.distributed import ddp_barrier, if_main_process, run_on_main  # noqa: E402
+from speechbrain.utils.parameter_transfer import Pretrainer  # noqa: E402
 from speechbrain.utils.logger import get_logger  # noqa: E402
 
 from common import model as M  # noqa: E402
@@ -56,6 +66,26 @@ TASK = "phoneme_recognition"
 
 class TrainingDiverged(UserError):
     """Too many consecutive non-finite losses."""
+
+
+def _all_ranks(flag) -> bool:
+    """``flag`` on this process AND on every other DDP process (one all_reduce; plain bool without DDP)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return bool(flag)
+    t = torch.tensor([1 if bool(flag) else 0], dtype=torch.int32)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
+class DistributedBatchSamplerWrapper(DistributedSamplerWrapper):
+    """SpeechBrain's wrapper (DDP share of the DynamicBatchSampler's batches) without its one-batch bug: with one
+    batch per rank ``itemgetter(i)`` returns the batch itself, which the loader then iterates as single indices."""
+
+    def __iter__(self):
+        batches = list(self.sampler.__iter__())
+        return iter([batches[i] for i in super(DistributedSamplerWrapper, self).__iter__()])
 
 
 class PhonemeBrain(sb.Brain):
@@ -117,13 +147,15 @@ class PhonemeBrain(sb.Brain):
         should_step = (self.step % self.grad_accumulation_factor) == 0
         self.on_fit_batch_start(batch, should_step)
         loss = None
-        if torch.isfinite(batch.sig[0]).all():
+        if _all_ranks(torch.isfinite(batch.sig[0]).all()):  # under DDP every rank skips together (no hang)
             with self.no_sync(not should_step):
                 with self.training_ctx:
                     out = self.compute_forward(batch, sb.Stage.TRAIN)
                     loss = self.compute_objectives(out, batch, sb.Stage.TRAIN)
-                if torch.isfinite(loss):
+                if _all_ranks(torch.isfinite(loss)):
                     self.scaler.scale(loss / self.grad_accumulation_factor).backward()
+                else:
+                    loss = torch.tensor(float("nan"))
         if loss is None or not torch.isfinite(loss):
             self.nonfinite_run += 1
             self.nonfinite_total += 1
@@ -141,6 +173,12 @@ class PhonemeBrain(sb.Brain):
             self.optimizers_step()
         self.on_fit_batch_end(batch, out, loss, should_step)
         return loss.detach().cpu()
+
+    def _train_loader_specifics(self, dataset, loader_kwargs):
+        loader_kwargs = super()._train_loader_specifics(dataset, loader_kwargs)
+        if isinstance(self.train_sampler, DistributedSamplerWrapper):
+            self.train_sampler.__class__ = DistributedBatchSamplerWrapper
+        return loader_kwargs
 
     def on_fit_batch_start(self, batch, should_step):
         wavs, lens = batch.sig
@@ -287,6 +325,118 @@ def dataio_prepare(hparams, vocab: Vocab):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+@register_checkpoint_hooks
+class MergedLoRAModel:
+    """Checkpoint recoverable ``model`` of a LoRA run with ``--save_full_model True``: writes the adapters folded into
+    the base weights (a plain ``model.ckpt``). Loading it is a no-op: on resume the base comes from
+    ``--pretrained_path`` and the adapters from ``lora.ckpt``."""
+
+    def __init__(self, adapted):
+        self.adapted = adapted
+
+    @mark_as_saver
+    def _save(self, path):
+        torch.save(M.merge_lora(self.adapted).state_dict(), path)
+
+    @mark_as_loader
+    def _load(self, path, end_of_epoch):
+        del path, end_of_epoch
+
+
+def check_finetune_args(hparams, vocab: Vocab):
+    """Validate --peft/--pretrained_path before anything is written; returns the pretrained checkpoint folder."""
+    peft = str(hparams["peft"] or "none").lower()
+    if peft not in ("none", "lora"):
+        raise UserError(f"--peft must be none or lora, got {hparams['peft']!r}")
+    if peft == "lora" and not hparams["pretrained_path"]:
+        raise UserError("--peft lora adapts a trained model: give it with --pretrained_path (an earlier output_folder)")
+    if not hparams["pretrained_path"]:
+        return None
+    ckpt = M.find_pretrained_checkpoint(hparams["pretrained_path"])
+    M.check_pretrained(ckpt, hparams["model"], vocab, hparams["pretrained_path"])
+    return ckpt
+
+
+def setup_finetune(hparams, ckpt) -> dict:
+    """``--pretrained_path``: load its model + normalization (SpeechBrain Pretrainer). ``--peft lora``: freeze the
+    model and wrap its Linear (and with ``--lora_conv`` Conv) layers in LoRA adapters; the checkpointer then saves
+    ``lora.ckpt`` (adapters) and, with ``--save_full_model True``, ``model.ckpt`` (merged weights)."""
+    peft = str(hparams["peft"] or "none").lower()
+    info = {"peft": peft, "pretrained_path": hparams["pretrained_path"], "base_checkpoint": None}
+    if ckpt is not None:
+        loadables = {"model": hparams["model"], "normalize": hparams["normalize"]}
+        paths = {k: str(ckpt / f"{k}.ckpt") for k in loadables if (ckpt / f"{k}.ckpt").is_file()}
+        pretrainer = Pretrainer(collect_in=Path(hparams["output_folder"]) / "pretrained",
+                                loadables={k: loadables[k] for k in paths}, paths=paths)
+        run_on_main(pretrainer.collect_files)
+        pretrainer.load_collected()
+        info["base_checkpoint"] = str(ckpt)
+        logger.info(f"initialised {', '.join(paths)} from {ckpt}")
+    if peft == "lora":
+        adapted = M.add_lora(hparams["model"], hparams["lora_r"], hparams["lora_alpha"], hparams["lora_dropout"],
+                             hparams["lora_conv"])
+        hparams["normalize"].update_until_epoch = 0  # the base model's feature statistics stay as they were
+        ckpter = hparams["checkpointer"]
+        del ckpter.recoverables["model"]
+        ckpter.add_recoverable("lora", adapted)
+        if hparams["save_full_model"]:
+            ckpter.add_recoverable("model", MergedLoRAModel(adapted))
+        names = {str(i): k for i, m in enumerate(hparams["model"]) for k, v in hparams["modules"].items() if v is m}
+        layers = [".".join([names.get(n.split(".")[0], n.split(".")[0])] + n.split(".")[1:])
+                  for n in adapted.replace_layers]
+        n_train = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in adapted.parameters())
+        info.update(lora_r=int(hparams["lora_r"]), lora_alpha=float(hparams["lora_alpha"]),
+                    lora_dropout=float(hparams["lora_dropout"]), lora_conv=bool(hparams["lora_conv"]),
+                    lora_layers=layers, save_full_model=bool(hparams["save_full_model"]),
+                    trainable_params=n_train, total_params=n_all)
+        info["_adapted"] = adapted
+        logger.info(f"LoRA r={info['lora_r']} alpha={info['lora_alpha']} dropout={info['lora_dropout']} on "
+                    f"{len(layers)} layers: {', '.join(layers)}; {n_train} of {n_all} parameters trainable; saving "
+                    f"{'merged full weights + adapters' if info['save_full_model'] else 'adapters only'}")
+        hparams["train_logger"].log_stats(stats_meta={"lora_layers": " ".join(layers)})
+        run_on_main(_write_lora_file, args=[hparams, info])
+    return info
+
+
+def _write_lora_file(hparams, info) -> None:
+    write_json(Path(hparams["output_folder"]) / M.LORA_FILE, {k: v for k, v in info.items() if not k.startswith("_")})
+
+
+def _public(info: dict) -> dict:
+    return {k: v for k, v in info.items() if not k.startswith("_")}
+
+
+def check_lora_reload(hparams, info: dict, datasets) -> dict:
+    """Reload the saved run with ``load_for_inference`` and compare its CTC log-probs with the in-memory model
+    (after ``evaluate`` loaded the best checkpoint) on a few valid utterances; also how much the frozen base and the
+    adapters moved from their starting values."""
+    adapted = info["_adapted"]
+    mods = {k: v for k, v in hparams["modules"].items()}
+    was = {k: m.training for k, m in mods.items()}
+    valid = datasets["valid"]
+    items = [valid[i] for i in range(min(3, len(valid)))]
+    wavs, wav_lens = M.batch_wavs([it["sig"] for it in items])
+    with torch.no_grad():
+        for m in mods.values():
+            m.eval()
+        ref = M.ctc_log_probs(mods, hparams, M.encode(mods, M.compute_feats(mods, hparams, wavs, wav_lens), wav_lens))
+        for k, m in mods.items():
+            m.train(was[k])
+        re_mods, re_hp, _ = M.load_for_inference(hparams["output_folder"])
+        got = M.ctc_log_probs(re_mods, re_hp,
+                              M.encode(re_mods, M.compute_feats(re_mods, re_hp, wavs, wav_lens), wav_lens))
+    diff = float((ref - got).abs().max())
+    ok = bool(torch.allclose(got, ref, atol=1e-5, rtol=1e-6))  # merging re-rounds: a few float32 ulps at log p ~ -20
+    start = info["_start"]
+    now = {k: v.detach() for k, v in adapted.state_dict(keep_vars=True).items()}
+    base_change = max((float((now[k] - v).abs().max()) for k, v in start.items() if "adapter_" not in k), default=0.0)
+    adapter_change = max((float((now[k] - v).abs().max()) for k, v in start.items() if "adapter_" in k), default=0.0)
+    (logger.info if ok else logger.warning)(
+        f"LoRA reload check: max |CTC log-prob difference| saved vs in-memory = {diff:.2e}{'' if ok else ' (!)'}")
+    return {"reload_max_abs_diff": diff, "reload_ok": ok, "base_max_abs_change": base_change, "adapter_max_abs_change": adapter_change}
+
+
 def check_metrics_csv(path) -> None:
     if path and os.path.isfile(path) and os.path.getsize(path) > 0:
         with open(path, newline="", encoding="utf-8") as fh:
@@ -338,12 +488,14 @@ def _scalar_hparams(hparams) -> dict:
             and not k.startswith("__")}
 
 
-def write_reports(brain, hparams, counts, vocab, run_id, t_start, resumed_epoch) -> dict:
+def write_reports(brain, hparams, counts, vocab, run_id, t_start, resumed_epoch, finetune=None) -> dict:
     res, out = brain.results, Path(hparams["output_folder"])
     device = str(brain.device)
     best = min(res["valid"], key=lambda v: v["PER"]) if res["valid"] else {}
     test = res.get("test") or {}
     nparams = sum(p.numel() for p in brain.modules.parameters())
+    finetune = finetune or {"peft": "none"}
+    lora = finetune["peft"] == "lora"
     batch_utts = res.get("mean_batch_utts", 0.0)
     metrics = {
         "run_id": run_id, "model": hparams["model_name"], "task": TASK, "output_dir": str(out),
@@ -362,6 +514,11 @@ def write_reports(brain, hparams, counts, vocab, run_id, t_start, resumed_epoch)
         "peak_memory_mb": round(_peak_memory_mb(device), 1), "device": device, "precision": brain.precision,
         "grad_accum": brain.grad_accumulation_factor, "n_params": nparams, "notes": hparams["notes"],
         "overfit_one_batch": bool(hparams["overfit_one_batch"]),
+        "world_size": int(os.environ.get("WORLD_SIZE", 1)), "batches_per_epoch": res.get("batches_per_epoch"),
+        "pretrained_path": finetune.get("pretrained_path"),
+        "peft": finetune["peft"], "lora_r": finetune.get("lora_r"), "lora_alpha": finetune.get("lora_alpha"),
+        "lora_dropout": finetune.get("lora_dropout"), "save_full_model": bool(hparams["save_full_model"]),
+        "finetune": finetune,
     }
     write_json(out / "metrics.json", metrics)
     card = {
@@ -382,6 +539,10 @@ def write_reports(brain, hparams, counts, vocab, run_id, t_start, resumed_epoch)
                      "common.model.forward_scores(...)",
         "results": {"best_valid_PER": metrics["best_valid_PER"], "test_PER": metrics["test_PER"],
                     "test_PER_beam": metrics["test_PER_beam"]},
+        "finetuning": {**finetune, "saved_weights": ("merged (LoRA folded into plain weights)" if
+                                                     hparams["save_full_model"] else
+                                                     "LoRA adapters only (lora.ckpt) + lora.json -> base checkpoint")
+                       if lora else "full model"},
     }
     write_json(out / "model_card.json", card)
     if hparams["metrics_csv"]:
@@ -402,6 +563,8 @@ def write_reports(brain, hparams, counts, vocab, run_id, t_start, resumed_epoch)
             "quant_weights_dtype": "fp32", "quant_compute_dtype": compute,
             "inference_time_sec": metrics["valid_inference_sec"], "peak_memory_mb": metrics["peak_memory_mb"],
             "save_full_model": hparams["save_full_model"],
+            "lora_r": finetune.get("lora_r", ""), "lora_alpha": finetune.get("lora_alpha", ""),
+            "lora_dropout": finetune.get("lora_dropout", ""),
             "language": hparams["language"] or (langs.most_common(1)[0][0] if langs else ""),
             "task": TASK, "learning_rate": hparams["lr"], "seed": hparams["seed"],
             "eval_strategy": hparams["eval_strategy"], "eval_steps": hparams["eval_steps"],
@@ -442,8 +605,17 @@ def main(argv=None) -> int:
     vocab = Vocab.load(hparams["tokens_file"])
     if hparams["output_neurons"] != len(vocab):
         raise UserError(f"output_neurons={hparams['output_neurons']} but {hparams['tokens_file']} has {len(vocab)}")
+    if (os.environ.get("LOCAL_RANK") is not None and run_opts["distributed_backend"] == "nccl"
+            and "distributed_backend" not in run_opts.overridden_args and not torch.cuda.is_available()):
+        logger.info("torchrun without CUDA: using the gloo backend")  # nccl needs GPUs
+        run_opts = dataclasses.replace(run_opts, distributed_backend="gloo",
+                                       overridden_args=run_opts.overridden_args | {"distributed_backend"})
+    pretrained_ckpt = check_finetune_args(hparams, vocab)
     sb.utils.distributed.ddp_init_group(run_opts)
     run_on_main(save_run_files, args=[hparams_file, overrides, hparams, hparams["tokens_file"]])
+    finetune = setup_finetune(hparams, pretrained_ckpt)
+    if "_adapted" in finetune:
+        finetune["_start"] = {k: v.detach().clone() for k, v in finetune["_adapted"].state_dict().items()}
     run_id = hparams["run_id"] or datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
 
     datasets, sampler, counts = dataio_prepare(hparams, vocab)
@@ -486,7 +658,14 @@ def main(argv=None) -> int:
         logger.warning(f"{brain.nonfinite_total} training batches skipped (non-finite loss or input)")
     if "test" in datasets:
         brain.evaluate(datasets["test"], min_key="PER", test_loader_kwargs=eval_opts)
-    metrics = write_reports(brain, hparams, counts, vocab, run_id, t0, resumed_epoch)
+    if "_adapted" in finetune:
+        brain.checkpointer.recover_if_possible(min_key="PER")  # the in-memory model = the checkpoint saved as best
+        finetune.update(check_lora_reload(hparams, finetune, datasets))
+    if not if_main_process():
+        ddp_barrier()
+        return 0
+    metrics = write_reports(brain, hparams, counts, vocab, run_id, t0, resumed_epoch, _public(finetune))
+    ddp_barrier()
     msg = f"best valid PER {metrics['best_valid_PER']:.2f}%" if metrics["best_valid_PER"] is not None else ""
     if metrics["test_PER"] is not None:
         msg += f", test PER {metrics['test_PER']:.2f}%"
