@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Phone-boundary accuracy on a fresh built-in corpus, the way a user aligns their own corpus.
+
+    python benchmarks/accuracy.py [--work /tmp/accuracy] [--num_utts 300] [--epochs N] [--skip_ipa]
+
+1. synthesize a festival corpus (its own seed, and the second half of our sentence list: the tests use the first)
+2. manifests with ``--phones_tsv`` (festival phones; test split = sentences never seen in training), train
+3. export durations for every row (+ TextGrids) with each score kind (ctc / attention / joint) and with / without
+   CTC anchoring; evaluate against festival's phone times: all rows, and held-out sentences only
+4. corpus cleaning: export with K transcripts swapped between utterances and check that the flagged utterances
+   (export_report.json) are the ones with large boundary errors
+5. the espeak-IPA path (G2P instead of --phones_tsv): train, export, evaluate (paired by edit distance)
+
+Prints one table (mean / median |error| ms, % within 10/20/25/50 ms) and writes ``WORK/accuracy.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common.boundaries import evaluate, hyp_segments  # noqa: E402
+from common.textgrid import read_textgrid  # noqa: E402
+from common.corpus import read_phones_tsv  # noqa: E402
+from common.durations import read_alignments  # noqa: E402
+
+
+def sh(*cmd) -> None:
+    print("+", " ".join(map(str, cmd)), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT)
+
+
+def score(ref: dict, corpus: Path, ids=None, textgrids: bool = False) -> dict:
+    al = read_alignments(corpus / "durations" / "alignments.jsonl")
+    ids = sorted(set(ids or al) & set(al))
+    if textgrids:
+        hyps = {r: read_textgrid(corpus / "textgrids" / f"{r}.TextGrid") for r in ids}
+    else:
+        hyps = {r: hyp_segments(al[r]["tokens"], al[r]["durations"], al[r]["sample_rate"], al[r]["hop_length"])
+                for r in ids}
+    rep, _ = evaluate({r: ref[r] for r in ids}, hyps)
+    return {**rep["overall"], "speech_silence_mean_ms": rep["by_edge"].get("speech-silence", {}).get("mean_ms"),
+            "one_to_one": rep["one_to_one_utterances"], "utts": rep["utterances"],
+            "scored": rep["scored_boundaries"], "ref_boundaries": rep["reference_boundaries"]}
+
+
+def export(corpus: Path, model: Path, *args) -> float:
+    t = time.time()
+    sh(sys.executable, "align/export_durations.py", "--corpus", corpus, "--model_dir", model, "--no_mels",
+       "--overwrite", "--textgrid", "--no_progress", *args)
+    return time.time() - t
+
+
+def ids_of(csv: Path) -> list[str]:
+    return [ln.split(",")[0] for ln in csv.read_text(encoding="utf-8").splitlines()[1:]]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/accuracy"))
+    ap.add_argument("--num_utts", type=int, default=300)
+    ap.add_argument("--epochs", type=int, help="training epochs (default: hparams/phoneme.yaml)")
+    ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument("--swap", type=int, default=6, help="transcripts swapped for the corpus-cleaning check")
+    ap.add_argument("--skip_ipa", action="store_true", help="skip the espeak-IPA training")
+    a = ap.parse_args()
+    w = a.work
+    w.mkdir(parents=True, exist_ok=True)
+    lines = (ROOT / "data_prep/sentences/en.txt").read_text(encoding="utf-8").splitlines()
+    sent = w / "sentences.txt"
+    sent.write_text("\n".join(lines[len(lines) // 2:]) + "\n", encoding="utf-8")
+    corpus = w / "corpus"
+    if not (corpus / "phones.tsv").is_file():
+        sh(sys.executable, "data_prep/synth_corpus.py", corpus, "--num_utts", a.num_utts, "--sample_rate", 22050,
+           "--seed", a.seed, "--sentences", sent, "--no_progress", "--overwrite")
+    ref = read_phones_tsv(corpus / "phones.tsv")
+    epochs = ["--number_of_epochs", a.epochs] if a.epochs else []
+    results, timing = {}, {}
+
+    def train(man: Path, out: Path, *prep):
+        if not (man / "tokens.txt").is_file():
+            sh(sys.executable, "data_prep/make_manifests.py", "--corpus", corpus, "--out", man, "--split_by", "text",
+               "--valid_fraction", 0.08, "--test_fraction", 0.12, "--seed", a.seed, "--no_progress", *prep)
+        if not (out / "metrics.json").is_file():
+            t = time.time()
+            sh(sys.executable, "recipes/train.py", "hparams/phoneme.yaml", "--data_folder", man, "--output_folder",
+               out, "--noprogressbar", *epochs)
+            timing[f"train {out.name}"] = round(time.time() - t, 1)
+        return json.loads((out / "metrics.json").read_text())
+
+    man, model = w / "man_phones", w / "model_phones"
+    m = train(man, model, "--phones_tsv", corpus / "phones.tsv")
+    results["PER festival phones (held-out sentences)"] = {"test_PER": m["test_PER"]}
+    held_out = ids_of(man / "test.csv")
+    for kind, extra in (("ctc", []), ("ctc, no anchoring", ["--no_anchor"]), ("attention", ["--scores", "attention"]),
+                        ("joint", ["--scores", "joint"])):
+        timing[f"export {kind}"] = round(export(corpus, model, *extra), 1)
+        results[f"{kind}: durations, all rows"] = score(ref, corpus)
+        results[f"{kind}: durations, held-out sentences"] = score(ref, corpus, held_out)
+        results[f"{kind}: TextGrids, all rows"] = score(ref, corpus, textgrids=True)
+    export(corpus, model)  # leave the default export in place
+
+    # corpus cleaning: swap K phone transcripts, export, see what is flagged
+    rng = random.Random(a.seed)
+    rows = sorted(ref)
+    swapped = rng.sample(rows, a.swap)
+    bad_tsv = w / "phones_swapped.tsv"
+    perm = swapped[1:] + swapped[:1]
+    src = {r: s for r, s in zip(swapped, perm)}
+    with open(bad_tsv, "w", encoding="utf-8") as fh:
+        for r in rows:
+            ph, ends = ref[src.get(r, r)]
+            fh.write(f"{r}\t{' '.join(ph)}\t{' '.join(f'{e:.5f}' for e in ends)}\n")
+    dirty = w / "corpus_dirty"
+    if not dirty.exists():
+        import shutil
+
+        shutil.copytree(corpus, dirty, ignore=shutil.ignore_patterns("durations", "textgrids"))
+    export(dirty, model, "--phones_tsv", bad_tsv)
+    rep = json.loads((dirty / "durations" / "export_report.json").read_text())
+    flagged = set(rep["flagged"])
+    conf = {r: u["confidence"] for r, u in rep["utterances"].items()}
+    lowest = sorted(conf, key=conf.get)[: a.swap]
+    clean_rows = [r for r in rows if r not in swapped]
+    results["cleaning"] = {
+        "swapped": len(swapped), "flagged": len(flagged), "swapped_and_flagged": len(flagged & set(swapped)),
+        "swapped_among_lowest_confidence": len(set(lowest) & set(swapped)),
+        "mean_confidence_swapped": round(sum(conf[r] for r in swapped) / len(swapped), 3),
+        "mean_confidence_clean": round(sum(conf[r] for r in clean_rows) / len(clean_rows), 3),
+        "flagged_clean_rows": sorted(flagged - set(swapped))[:10],
+    }
+
+    if not a.skip_ipa:
+        man_i, model_i = w / "man_ipa", w / "model_ipa"
+        m = train(man_i, model_i)
+        results["PER espeak IPA (held-out sentences)"] = {"test_PER": m["test_PER"]}
+        ipa_corpus = w / "corpus_ipa"
+        if not ipa_corpus.exists():
+            import shutil
+
+            shutil.copytree(corpus, ipa_corpus, ignore=shutil.ignore_patterns("durations", "textgrids"))
+        timing["export ipa"] = round(export(ipa_corpus, model_i), 1)
+        results["espeak IPA: durations, all rows (edit-distance pairing)"] = score(ref, ipa_corpus)
+        results["espeak IPA: TextGrids, all rows"] = score(ref, ipa_corpus, textgrids=True)
+
+    results["timing_sec"] = timing
+    (w / "accuracy.json").write_text(json.dumps(results, indent=2))
+    print(f"\n{'setting':<58}{'n':>6}{'mean':>8}{'median':>8}{'<=10':>7}{'<=20':>7}{'<=25':>7}{'<=50':>7}{'sp/sil':>8}")
+    for k, v in results.items():
+        if "mean_ms" in v:
+            print(f"{k:<58}{v['n']:>6}{v['mean_ms']:>8.2f}{v['median_ms']:>8.2f}{v['within_10ms']:>7.1f}"
+                  f"{v['within_20ms']:>7.1f}{v['within_25ms']:>7.1f}{v['within_50ms']:>7.1f}"
+                  f"{(v['speech_silence_mean_ms'] or 0):>8.1f}")
+        else:
+            print(f"{k:<58}{json.dumps(v)}")
+    print("targets: mean <= 6 ms, >= 97 % within 20 ms (festival phones), PER <= 3 %")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

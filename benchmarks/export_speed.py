@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Export throughput: seconds of audio aligned per second of wall time, end to end.
+
+    python benchmarks/export_speed.py --corpus DIR --model_dir RUN [--device cpu|cuda] [--repeat 2]
+
+Runs ``common.export.export_corpus`` (audio load, features, model, CTC anchoring, MAS, Matcha frames, writing)
+on the corpus, in-process after one warm-up (model load and numba compilation are reported apart), and prints
+real-time factors for the configurations that matter: CTC scores (default, no attention decoder), joint scores
+(decoder too), batch sizes. The baseline in the same run is the per-utterance loop (``--batch_seconds`` of one
+utterance), so the ratio shows what batching buys on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common.export import Options, export_corpus  # noqa: E402
+
+
+def run(corpus: Path, model: Path, device: str, **kw) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp) / "corpus"
+        shutil.copytree(corpus, work, ignore=shutil.ignore_patterns("durations", "textgrids", "mels"))
+        t = time.time()
+        rep = export_corpus(Options(corpus=work, model_dir=model, device=device, no_mels=True, progress=False, **kw))
+        rep["wall"] = time.time() - t
+        return rep
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", type=Path, required=True)
+    ap.add_argument("--model_dir", type=Path, required=True)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=2)
+    a = ap.parse_args()
+    run(a.corpus, a.model_dir, a.device, limit=min(a.limit or 8, 8))  # warm-up: imports, numba compile
+    configs = [("per-utterance (baseline)", dict(batch_seconds=1e-3)),
+               ("batched 200 s, ctc (default)", dict(batch_seconds=200.0)),
+               ("batched 600 s, ctc", dict(batch_seconds=600.0)),
+               ("batched 200 s, joint (attention decoder)", dict(batch_seconds=200.0, scores="joint"))]
+    base = None
+    print(f"{'configuration':<44}{'audio s':>9}{'wall s':>9}{'x realtime':>12}{'vs baseline':>13}")
+    for name, kw in configs:
+        best = None
+        for _ in range(a.repeat):
+            rep = run(a.corpus, a.model_dir, a.device, limit=a.limit, **kw)
+            if best is None or rep["wall"] < best["wall"]:
+                best = rep
+        rtf = best["audio_seconds"] / best["wall"]
+        base = base or rtf
+        print(f"{name:<44}{best['audio_seconds']:>9.1f}{best['wall']:>9.2f}{rtf:>12.1f}{rtf / base:>13.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
