@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Benchmark: phoneme recognizer test PER on a ~400-utterance festival corpus, trained within a CPU time budget.
 
-    python benchmarks/train_per.py [--work /tmp/train_per] [--num_utts 400] [--epochs 12] [-- extra train.py args]
+    python benchmarks/train_per.py [--work /tmp/train_per] [--num_utts 400] [--minutes 15] [-- extra train.py args]
 
 Synthesizes the corpus (data_prep/synth_corpus.py: kal/ked/slt voices, Duration_Stretch rates, 22050 Hz), makes
 manifests with festival phones (make_manifests.py --phones_tsv, split by text so test sentences are never seen in
-training), trains recipes/train.py hparams/phoneme.yaml and prints test PER (CTC greedy and attention beam search),
-training time and the target check (test PER <= 10 %).
+training), trains recipes/train.py hparams/phoneme.yaml (its defaults) within a wall-clock budget
+(``--max_train_minutes``: the epochs that fit in ``--minutes``, train + valid, at most ``--epochs``) and prints test PER
+(CTC greedy and attention beam search), training time and the target check (test PER <= 10 %). Run it alone with
+one torch thread on a busy machine (``--num_threads 1`` is passed; set OMP_NUM_THREADS=1 too).
 """
 from __future__ import annotations
 
@@ -30,12 +32,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/train_per")
     ap.add_argument("--num_utts", type=int, default=400)
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=60, help="upper bound; --minutes decides where training stops")
+    ap.add_argument("--minutes", type=float, default=15.0, help="wall-clock training budget (0 = no limit)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("extra", nargs="*", help="more recipes/train.py overrides (after --)")
     args = ap.parse_args()
     work = Path(args.work)
-    corpus, man, out = work / "corpus", work / "man", work / f"model_e{args.epochs}"
+    corpus, man, out = work / "corpus", work / "man", work / f"model_e{args.epochs}_m{args.minutes:g}"
     if not (corpus / "phones.tsv").is_file():
         sh([sys.executable, "data_prep/synth_corpus.py", corpus, "--num_utts", args.num_utts, "--sample_rate", "22050",
             "--seed", args.seed, "--no_progress", "--overwrite"])
@@ -45,7 +48,8 @@ def main() -> int:
             "--test_fraction", "0.12", "--seed", args.seed, "--no_progress"])
     t0 = time.time()
     sh([sys.executable, "recipes/train.py", "hparams/phoneme.yaml", "--data_folder", man, "--output_folder", out,
-        "--number_of_epochs", args.epochs, "--noprogressbar", *args.extra])
+        "--number_of_epochs", args.epochs, "--max_train_minutes", args.minutes, "--num_threads", 1, "--noprogressbar",
+        *args.extra])
     wall = time.time() - t0
     m = json.loads((out / "metrics.json").read_text())
     per, beam = m["test_PER"], m["test_PER_beam"]

@@ -80,7 +80,9 @@ class ConvRNNEncoder(nn.Module):
     Arguments
     ---------
     input_size: feature dimension (80 for the default Fbank).
-    conv_channels, conv_layers, kernel_size: the 1-D conv front-end (conv -> LayerNorm -> GELU -> dropout).
+    conv_channels, conv_layers, kernel_size: the 1-D conv front-end (conv -> norm -> GELU -> dropout).
+    conv_norm: ``layer`` (LayerNorm over channels) or ``batch`` (BatchNorm1d; leaves the CTC blank plateau sooner
+        and converges faster on small corpora).
     subsample: RNN frame-rate reduction (1 = none; 2 halves the RNN cost).
     rnn_type: ``lstm`` or ``gru``; rnn_layers, rnn_neurons: per direction.
     output_size: encoder output dimension (``enc_dim`` of the decoder, input of ``ctc_lin``).
@@ -98,16 +100,20 @@ class ConvRNNEncoder(nn.Module):
         rnn_neurons: int = 256,
         output_size: int = 256,
         dropout: float = 0.15,
+        conv_norm: str = "layer",
     ):
         super().__init__()
         if subsample < 1:
             raise ValueError("subsample must be >= 1")
+        if conv_norm not in ("layer", "batch"):
+            raise ValueError(f"conv_norm must be 'layer' or 'batch', got {conv_norm!r}")
         self.subsample = subsample
+        self.conv_norm = conv_norm
         convs, norms = [], []
         ch = input_size
         for _ in range(conv_layers):
             convs.append(nn.Conv1d(ch, conv_channels, kernel_size, padding=kernel_size // 2))
-            norms.append(nn.LayerNorm(conv_channels))
+            norms.append(nn.LayerNorm(conv_channels) if conv_norm == "layer" else nn.BatchNorm1d(conv_channels))
             ch = conv_channels
         self.convs, self.norms = nn.ModuleList(convs), nn.ModuleList(norms)
         self.act = nn.GELU()
@@ -134,8 +140,9 @@ class ConvRNNEncoder(nn.Module):
         mask = (torch.arange(T, device=x.device)[None, :] < frames[:, None]).unsqueeze(-1).to(x.dtype)
         h = x * mask
         for conv, norm in zip(self.convs, self.norms):
-            h = conv(h.transpose(1, 2)).transpose(1, 2)
-            h = self.drop(self.act(norm(h))) * mask
+            h = conv(h.transpose(1, 2))
+            h = norm(h.transpose(1, 2)) if self.conv_norm == "layer" else norm(h).transpose(1, 2)
+            h = self.drop(self.act(h)) * mask
         skip = h
         s = self.subsample
         if self.down is not None:

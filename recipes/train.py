@@ -187,6 +187,11 @@ class PhonemeBrain(sb.Brain):
         self.pad["real"] += float((lens * n).round().sum())
         self.pad["batches"] += 1
         self.pad["utts"] += wavs.shape[0]
+        warmup = int(self.hparams.warmup_steps)
+        if should_step and warmup > 0 and self.optimizer_step <= warmup:  # linear lr warm-up, then NewBob's value
+            lr = self.hparams.lr_annealing.hyperparam_value * min(1.0, (self.optimizer_step + 1) / warmup)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
 
     def on_stage_start(self, stage, epoch=None):
         self.parts = Counter()
@@ -224,6 +229,11 @@ class PhonemeBrain(sb.Brain):
             res["valid"].append({"epoch": epoch, "loss": stage_loss, "PER": per, "lr": old_lr})
             res["valid_time"] = time.time() - self.stage_t0
             self.checkpointer.save_and_keep_only(meta={"PER": per, "epoch": epoch}, min_keys=["PER"], num_to_keep=1)
+            budget = float(hp.max_train_minutes) * 60
+            spent = time.time() - self.fit_t0
+            if budget > 0 and spent + spent / len(res["valid"]) > budget:  # the next epoch would overrun the budget
+                logger.info(f"max_train_minutes={hp.max_train_minutes}: stopping after epoch {epoch} ({spent:.0f} s)")
+                hp.epoch_counter.limit = epoch
         else:
             if len(self.beam_metrics.scores) > 0:
                 stats["PER_beam"] = self.beam_metrics.summarize("error_rate")
@@ -648,6 +658,7 @@ def main(argv=None) -> int:
     eval_opts = {**loader_opts, "batch_size": int(hparams["batch_size"])}
 
     t0 = time.time()
+    brain.fit_t0 = t0
     brain.checkpointer.recover_if_possible()  # only to report where we resume; fit() recovers again
     resumed_epoch = hparams["epoch_counter"].current
     if resumed_epoch:
