@@ -181,6 +181,10 @@ class PhonemeBrain(sb.Brain):
         return loader_kwargs
 
     def on_fit_batch_start(self, batch, should_step):
+        if self.freeze_norm_stats:  # LoRA: the frozen base keeps its BatchNorm statistics too
+            for m in self.modules.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         wavs, lens = batch.sig
         n = wavs.shape[1]
         self.pad["total"] += n * wavs.shape[0]
@@ -638,9 +642,17 @@ def main(argv=None) -> int:
             tb = sb.utils.train_logger.TensorboardLogger(hparams["tensorboard_folder"])
         except ImportError:
             raise UserError("--tensorboard True needs the tensorboard package (pip install tensorboard)") from None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # SpeechBrain converts BatchNorm to SyncBatchNorm under DDP, which runs only on CUDA: with gloo on CPU each
+        # process keeps its own BatchNorm statistics instead.
+        class _LocalBatchNorm:
+            convert_sync_batchnorm = staticmethod(lambda module, *args, **kwargs: module)
+
+        sb.core.SyncBatchNorm = _LocalBatchNorm
     brain = PhonemeBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                          run_opts=run_opts, checkpointer=hparams["checkpointer"])
     brain.vocab = vocab
+    brain.freeze_norm_stats = str(hparams["peft"] or "none").lower() == "lora"
     brain.loggers = [hparams["train_logger"]] + ([tb] if hparams["tensorboard"] else [])
     brain.results = {"train_loss": [], "valid": [], "padding_ratio": [], "train_time": 0.0}
     brain.nonfinite_run = brain.nonfinite_total = 0
