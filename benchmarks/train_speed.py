@@ -23,27 +23,13 @@ import torch  # noqa: E402
 from hyperpyyaml import load_hyperpyyaml  # noqa: E402
 from speechbrain.dataio.sampler import DynamicBatchSampler  # noqa: E402
 
-from common.audio import load_audio  # noqa: E402
-from common.model import compute_feats, ctc_log_probs, encode  # noqa: E402
+from common.audio import AudioDataset  # noqa: E402
+from common.model import batch_wavs, compute_feats, ctc_log_probs, encode  # noqa: E402
 
 
-class Wavs(torch.utils.data.Dataset):
-    def __init__(self, rows, sr):
-        self.rows, self.sr = rows, sr
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return load_audio(self.rows[i]["wav"], self.sr)[0]
-
-
-def collate(wavs):
-    n = max(w.shape[0] for w in wavs)
-    out = torch.zeros(len(wavs), n)
-    for k, w in enumerate(wavs):
-        out[k, : w.shape[0]] = w
-    return out, torch.tensor([w.shape[0] / n for w in wavs]), sum(w.shape[0] for w in wavs)
+def collate(batch):
+    wavs = [b[1] for b in batch]
+    return *batch_wavs(wavs), sum(w.shape[0] for w in wavs)
 
 
 def main() -> int:
@@ -60,7 +46,7 @@ def main() -> int:
     rows = list(csv.DictReader(open(a.data_folder / "train.csv", encoding="utf-8")))
     durs = [float(r["duration"]) for r in rows]
     mean_bs = max(1, round(a.seconds / (sum(durs) / len(durs))))
-    ds = Wavs(rows, int(hp["sample_rate"]))
+    ds = AudioDataset([r["wav"] for r in rows], int(hp["sample_rate"]))
     order = sorted(range(len(rows)), key=lambda i: durs[i])
     rng = random.Random(0)
     sorted_batches = [order[i : i + mean_bs] for i in range(0, len(order), mean_bs)]

@@ -67,3 +67,16 @@ def write_wav(path: str | os.PathLike, wav, sample_rate: int) -> None:
         wav = wav.detach().cpu().numpy()
     with atomic_path(path) as tmp:
         sf.write(str(tmp), np.asarray(wav), int(sample_rate), subtype="PCM_16", format="WAV")
+
+
+class AudioDataset(torch.utils.data.Dataset):
+    """``(index, mono waveform at sample_rate)`` for a list of files: a DataLoader worker reads ahead of the model."""
+
+    def __init__(self, paths, sample_rate: int):
+        self.paths, self.sample_rate = list(paths), int(sample_rate)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return i, load_audio(self.paths[i], self.sample_rate)[0]

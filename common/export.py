@@ -16,13 +16,12 @@ import numpy as np
 import torch
 
 from common import align as A
-from common.audio import audio_info, load_audio
+from common.audio import AudioDataset, audio_info
 from common.corpus import read_matcha, read_phones_tsv
 from common.durations import (append_alignment, alignment_record, boundaries_to_matcha, matcha_layout,
                               matcha_num_frames, npy_duration_paths, pt_duration_path, write_durations)
 from common.g2p import G2P, check_symbols, ipa_to_tokens, load_symbols
 from common.io import UserError, safe_join, write_json
-from common.vocab import BOS_ID
 
 MAX_LISTED = 5
 
@@ -173,26 +172,10 @@ def check_feasible(items: list[Item], hparams, edge_silence: bool) -> None:
                             f"frames for {units} tokens); fix the transcript or remove the row")
 
 
-class _Audio(torch.utils.data.Dataset):
-    def __init__(self, items, sr):
-        self.items, self.sr = items, sr
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return i, load_audio(self.items[i].wav, self.sr)[0]
-
-
 def _collate(batch):
-    idx = [b[0] for b in batch]
-    wavs = [b[1] for b in batch]
-    N = max(w.shape[0] for w in wavs)
-    out = torch.zeros(len(wavs), N)
-    for k, w in enumerate(wavs):
-        out[k, : w.shape[0]] = w
-    lens = torch.tensor([w.shape[0] / N for w in wavs])
-    return idx, out, lens
+    from common.model import batch_wavs
+
+    return [b[0] for b in batch], *batch_wavs([b[1] for b in batch])
 
 
 def batches_by_length(items: list[Item], seconds: float) -> list[list[int]]:
@@ -249,7 +232,7 @@ def _remove_stale_temps(folders) -> None:
 def export_corpus(opts: Options) -> dict:
     from tqdm import tqdm
 
-    from common.model import load_for_inference
+    from common.model import batch_tokens_bos, load_for_inference
 
     t0 = time.time()
     device = resolve_device(opts.device)
@@ -269,7 +252,7 @@ def export_corpus(opts: Options) -> dict:
     hop_s = float(hparams["hop_length"]) / 1000.0
     results: dict[str, dict] = {}
     failures: dict[str, str] = {}
-    loader = torch.utils.data.DataLoader(_Audio(todo, model_sr), batch_sampler=batches_by_length(todo, opts.batch_seconds),
+    loader = torch.utils.data.DataLoader(AudioDataset([it.wav for it in todo], model_sr), batch_sampler=batches_by_length(todo, opts.batch_seconds),
                                          collate_fn=_collate, num_workers=1 if len(todo) > 1 else 0)
     plots = {"left": opts.plots, "dir": report_dir / "plots"}
     use_amp = device.startswith("cuda")
@@ -277,12 +260,7 @@ def export_corpus(opts: Options) -> dict:
     bar = tqdm(total=len(todo), desc="export", unit="utt", disable=not opts.progress)
     for idx, wavs, lens in loader:
         batch = [todo[i] for i in idx]
-        tok_bos = torch.zeros(len(batch), max(len(it.ids) for it in batch) + 1, dtype=torch.long)
-        tok_lens = torch.zeros(len(batch))
-        for k, it in enumerate(batch):
-            tok_bos[k, 0] = BOS_ID
-            tok_bos[k, 1 : len(it.ids) + 1] = torch.tensor(it.ids)
-            tok_lens[k] = (len(it.ids) + 1) / tok_bos.shape[1]
+        tok_bos, tok_lens = batch_tokens_bos([it.ids for it in batch])
         ctc_logp, attn, frame_lens = _model_scores(modules, hparams, wavs.to(device), lens.to(device),
                                                    tok_bos.to(device), tok_lens.to(device), opts.scores, use_amp)
         units, scores = [], []

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from common.io import UserError, atomic_write
-from common.vocab import WORD_SEP, symbol_to_token
+from common.vocab import symbol_to_token
 
 DEFAULT_G2P = "espeak"
 

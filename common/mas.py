@@ -282,7 +282,6 @@ def _work_buffer(rows: int, cols: int) -> np.ndarray:
         buf = np.empty((max(rows, buf.shape[0]), max(cols, buf.shape[1])), dtype=np.uint8)
         _WORK["buf"] = buf
     return buf
-    return numba, batch
 
 
 def _numba_available() -> bool:
