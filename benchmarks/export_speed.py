@@ -44,6 +44,7 @@ def main() -> int:
     a = ap.parse_args()
     run(a.corpus, a.model_dir, a.device, limit=min(a.limit or 8, 8))  # warm-up: imports, numba compile
     configs = [("per-utterance (baseline)", dict(batch_seconds=1e-3)),
+               ("batched 30 s, ctc", dict(batch_seconds=30.0)),
                ("batched 200 s, ctc (default)", dict(batch_seconds=200.0)),
                ("batched 600 s, ctc", dict(batch_seconds=600.0)),
                ("batched 200 s, joint (attention decoder)", dict(batch_seconds=200.0, scores="joint"))]
