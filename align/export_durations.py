@@ -27,7 +27,8 @@ def parse_args(argv=None) -> Options:
     p.add_argument("--corpus", required=True, type=Path, help="Matcha corpus: metadata.csv + wavs/ (+ mels/)")
     p.add_argument("--model_dir", type=Path, default=DEFAULT_MODEL_DIR, help="output_folder of recipes/train.py")
     p.add_argument("--device", default="cuda", help="cuda (default; falls back to CPU with a note) or cpu")
-    p.add_argument("--scores", choices=SCORE_KINDS, default="ctc", help="what MAS maximizes (default ctc: measured best)")
+    p.add_argument("--scores", choices=SCORE_KINDS, default="joint",
+                   help="what MAS maximizes (default joint: measured best, benchmarks/accuracy.py)")
     p.add_argument("--ctc_weight", type=float, default=0.5, help="weight of CTC in --scores joint")
     p.add_argument("--format", dest="fmt", choices=("pt", "npy"), default="pt")
     p.add_argument("--add_blank", dest="add_blank", action="store_true", default=True,

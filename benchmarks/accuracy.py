@@ -99,8 +99,8 @@ def main() -> int:
     m = train(man, model, "--phones_tsv", corpus / "phones.tsv")
     results["PER festival phones (held-out sentences)"] = {"test_PER": m["test_PER"]}
     held_out = ids_of(man / "test.csv")
-    for kind, extra in (("ctc", []), ("ctc, no anchoring", ["--no_anchor"]), ("attention", ["--scores", "attention"]),
-                        ("joint", ["--scores", "joint"])):
+    for kind, extra in (("ctc", ["--scores", "ctc"]), ("ctc, no anchoring", ["--scores", "ctc", "--no_anchor"]),
+                        ("attention", ["--scores", "attention"]), ("joint (default)", ["--scores", "joint"])):
         timing[f"export {kind}"] = round(export(corpus, model, *extra), 1)
         results[f"{kind}: durations, all rows"] = score(ref, corpus)
         results[f"{kind}: durations, held-out sentences"] = score(ref, corpus, held_out)

@@ -31,7 +31,7 @@ class Options:
     corpus: Path
     model_dir: Path
     device: str = "cuda"
-    scores: str = "ctc"
+    scores: str = "joint"
     ctc_weight: float = 0.5
     fmt: str = "pt"
     add_blank: bool = True
@@ -51,9 +51,9 @@ class Options:
     language: str = "en-us"
     progress: bool = True
     limit: int = 0
-    low_conf: float = 0.5
+    low_conf: float = 0.3
     max_phone_s: float = 1.0
-    high_per: float = 30.0
+    high_per: float = 60.0
     anchor: bool = True  # pin tokens to their CTC forced-alignment emissions before MAS (common/align.py)
 
 
