@@ -193,16 +193,13 @@ def batches_by_length(items: list[Item], seconds: float) -> list[list[int]]:
     return out
 
 
-def greedy_per(ctc_logp: torch.Tensor, T: int, ids: list[int]) -> float:
-    """PER (%) of the CTC best path against the expected tokens (a cheap transcript-mismatch detector)."""
+def greedy_per(ctc_logp: torch.Tensor, ids: list[int]) -> float:
+    """PER (%) of the CTC best path [T, V] against the expected tokens (a cheap transcript-mismatch detector)."""
     from speechbrain.utils.edit_distance import wer_details_for_batch
 
-    best = ctc_logp[:T].argmax(-1).tolist()
-    hyp, prev = [], None
-    for b in best:
-        if b != prev and b != 0:
-            hyp.append(b)
-        prev = b
+    from common.model import ctc_greedy
+
+    hyp = ctc_greedy(ctc_logp[None], torch.ones(1))[0]
     d = wer_details_for_batch(["u"], [ids], [hyp])[0]
     return 100.0 * d["num_edits"] / max(1, len(ids))
 
@@ -323,7 +320,7 @@ def _write_one(it: Item, units, frames: np.ndarray, ctc_logp: torch.Tensor, hop_
     ends = A.frame_ends_seconds(np.asarray(counts), hop_s, duration)
     durs = boundaries_to_matcha(ends, it.mel_frames, it.sr, opts.hop_length)
     conf = A.token_confidence(ctc_logp, it.ids, frames, lead)
-    per = greedy_per(ctc_logp, ctc_logp.shape[0], it.ids)
+    per = greedy_per(ctc_logp, it.ids)
     unit_ends = A.frame_ends_seconds(frames, hop_s, duration)
     phone_s = np.diff(np.concatenate([[0.0], unit_ends]))
     flags = []
