@@ -254,7 +254,32 @@ def _numba_kernel():
             return njit(parallel=True, cache=True, nogil=True)(batch)
         return njit(cache=True, nogil=True)(batch)
 
-    return numba, make_batch(True), make_batch(False)
+    @njit(cache=True, nogil=True)
+    def serial_fused(values, mask, neg, path, work):
+        """Small inputs in one compiled call (lengths from the mask, DP, path fill): at 1 x 50 x 200 the Python
+        and dispatch overhead of the three-step route costs more than the DP itself. values/mask [B, T, S] with
+        T, S >= 1; path [B, T, S] zeros (float32/float64), filled in place; work >= max(t_x * t_y) bytes."""
+        B, T, S = values.shape
+        out = np.empty(S, dtype=np.int32)
+        for b in range(B):
+            sx = 0.0
+            for x in range(T):
+                sx += mask[b, x, 0]
+            sy = 0.0
+            for y in range(S):
+                sy += mask[b, 0, y]
+            tx = int(sx)
+            ty = int(sy)
+            if tx <= 0 or ty <= 0:
+                continue
+            tile = np.empty((_TILE, tx), dtype=values.dtype)
+            q0 = np.empty(tx, dtype=values.dtype)
+            q1 = np.empty(tx, dtype=values.dtype)
+            one_item(values[b], tx, ty, neg, out, tile, q0, q1, work)
+            for y in range(ty):
+                path[b, out[y], y] = 1.0
+
+    return numba, make_batch(True), make_batch(False), serial_fused
 
 
 @functools.lru_cache(maxsize=None)
@@ -292,9 +317,12 @@ def _maximum_path_numba(value: torch.Tensor, mask: torch.Tensor, dtype: torch.dt
     loaded = _numba_kernel()
     if loaded is None:
         raise RuntimeError("backend 'numba' needs the numba package (pip install numba)")
-    numba, batch_parallel, batch_serial = loaded
+    numba, batch_parallel, batch_serial, serial_fused = loaded
     B, T, S = value.shape
     device = value.device
+    if (B > 0 and T > 0 and S > 0 and dtype in (torch.float32, torch.float64)
+            and (B == 1 or B * T * S < _SERIAL_CELLS or numba.get_num_threads() == 1)):
+        return _maximum_path_numba_small(serial_fused, value, mask, dtype)
     t_x, t_y = _lengths(mask)
     tx_np = t_x.cpu().numpy()
     ty_np = t_y.cpu().numpy()
@@ -317,6 +345,24 @@ def _maximum_path_numba(value: torch.Tensor, mask: torch.Tensor, dtype: torch.dt
                 with numba.parallel_chunksize(1):
                     batch_parallel(v, tx_np, ty_np, order, np_dtype(NEG), idx, work)
     return _path_from_indices_np(idx, tx_np, ty_np, T, dtype, device)
+
+
+def _maximum_path_numba_small(serial_fused, value: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype
+                              ) -> torch.Tensor:
+    """One item, or a batch too small for threads: one compiled call does lengths, DP and path fill."""
+    B, T, S = value.shape
+    work_dtype = _dp_dtype(value.dtype)
+    np_dtype = np.float64 if work_dtype == torch.float64 else np.float32
+    v = value.detach()
+    if v.device.type != "cpu" or v.dtype != work_dtype or not v.is_contiguous():
+        v = v.to("cpu", work_dtype).contiguous()
+    m = mask.detach()
+    if m.device.type != "cpu" or m.dtype in (torch.bfloat16, torch.float16):
+        m = m.to("cpu", torch.float32 if m.dtype in (torch.bfloat16, torch.float16) else m.dtype)
+    path = torch.zeros((B, T, S), dtype=dtype)
+    with _NUMBA_LOCK:
+        serial_fused(v.numpy(), m.numpy(), np_dtype(NEG), path.numpy(), _work_buffer(1, T * S)[0])
+    return path.to(value.device)
 
 
 def _path_from_indices_np(idx: np.ndarray, tx: np.ndarray, ty: np.ndarray, T: int, dtype: torch.dtype,
