@@ -193,15 +193,12 @@ def batches_by_length(items: list[Item], seconds: float) -> list[list[int]]:
     return out
 
 
-def greedy_per(ctc_logp: torch.Tensor, ids: list[int]) -> float:
+def greedy_per(ctc_logp: torch.Tensor, ids: list[int], blank_id: int = 0) -> float:
     """PER (%) of the CTC best path [T, V] against the expected tokens (a cheap transcript-mismatch detector)."""
-    from speechbrain.utils.edit_distance import wer_details_for_batch
+    from common.metrics import error_rate
 
-    from common.model import ctc_greedy
-
-    hyp = ctc_greedy(ctc_logp[None], torch.ones(1))[0]
-    d = wer_details_for_batch(["u"], [ids], [hyp])[0]
-    return 100.0 * d["num_edits"] / max(1, len(ids))
+    best = torch.unique_consecutive(ctc_logp.argmax(-1))
+    return error_rate(ids, best[best != blank_id].tolist())
 
 
 @torch.inference_mode()
