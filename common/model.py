@@ -86,6 +86,7 @@ class ConvRNNEncoder(nn.Module):
     subsample: RNN frame-rate reduction (1 = none; 2 halves the RNN cost).
     rnn_type: ``lstm`` or ``gru``; rnn_layers, rnn_neurons: per direction.
     output_size: encoder output dimension (``enc_dim`` of the decoder, input of ``ctc_lin``).
+    mix_kernel: kernel of the output convolution that mixes RNN and conv features (odd; 1 = per frame, cheapest).
     """
 
     def __init__(
@@ -101,10 +102,13 @@ class ConvRNNEncoder(nn.Module):
         output_size: int = 256,
         dropout: float = 0.15,
         conv_norm: str = "layer",
+        mix_kernel: int = 3,
     ):
         super().__init__()
         if subsample < 1:
             raise ValueError("subsample must be >= 1")
+        if mix_kernel < 1 or mix_kernel % 2 == 0:
+            raise ValueError("mix_kernel must be odd (output frame t stays centred on input frame t)")
         if conv_norm not in ("layer", "batch"):
             raise ValueError(f"conv_norm must be 'layer' or 'batch', got {conv_norm!r}")
         self.subsample = subsample
@@ -128,7 +132,7 @@ class ConvRNNEncoder(nn.Module):
             size = ch if i == 0 else 2 * rnn_neurons
             self.fwd.append(rnn_cls(size, rnn_neurons, batch_first=True))
             self.bwd.append(rnn_cls(size, rnn_neurons, batch_first=True))
-        self.mix = nn.Conv1d(2 * rnn_neurons + ch, output_size, 3, padding=1)
+        self.mix = nn.Conv1d(2 * rnn_neurons + ch, output_size, mix_kernel, padding=mix_kernel // 2)
         self.out_norm = nn.LayerNorm(output_size)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:

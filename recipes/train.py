@@ -50,6 +50,7 @@ from speechbrain.utils.logger import get_logger  # noqa: E402
 from common import model as M  # noqa: E402
 from common.audio import load_audio  # noqa: E402
 from common.io import UserError, cli, read_manifest, write_json  # noqa: E402
+from common.schedules import TrainClock, cosine_lr, run_progress  # noqa: E402
 from common.vocab import BOS_ID, EOS_ID, Vocab  # noqa: E402
 
 logger = get_logger(__name__)
@@ -103,7 +104,9 @@ class PhonemeBrain(sb.Brain):
             feats, _ = self.hparams.fea_augment(feats, wav_lens)
         enc = M.encode(self.modules, feats, wav_lens)
         out = {"p_ctc": M.ctc_log_probs(self.modules, self.hparams, enc), "wav_lens": wav_lens}
-        out["p_seq"], out["attn"] = M.attention_decode(self.modules, self.hparams, enc, wav_lens, tokens_bos)
+        every = max(int(self.hparams.s2s_every), 1)
+        if stage != sb.Stage.TRAIN or (self.step - 1) % every == 0:  # s2s_every: the decoder on every k-th batch
+            out["p_seq"], out["attn"] = M.attention_decode(self.modules, self.hparams, enc, wav_lens, tokens_bos)
         if stage == sb.Stage.TEST and self.hparams.test_beam_search:
             out["beam_hyps"] = self.hparams.beam_searcher(enc, wav_lens)[0]
         return out
@@ -112,22 +115,28 @@ class PhonemeBrain(sb.Brain):
         hp = self.hparams
         tokens, tok_lens = batch.tokens
         tokens_eos, eos_lens = batch.tokens_eos
-        p_ctc, wav_lens, attn = out["p_ctc"], out["wav_lens"], out["attn"]
+        p_ctc, wav_lens, attn = out["p_ctc"], out["wav_lens"], out.get("attn")
         loss_ctc = hp.ctc_cost(p_ctc, tokens, wav_lens, tok_lens)
-        loss_seq = hp.seq_cost(out["p_seq"], tokens_eos, eos_lens)
-        loss = hp.ctc_weight * loss_ctc + hp.s2s_weight * loss_seq
+        loss = hp.ctc_weight * loss_ctc
+        loss_seq = loss_ga = torch.zeros((), device=loss.device)
+        if attn is not None:
+            loss_seq = hp.seq_cost(out["p_seq"], tokens_eos, eos_lens)
+            loss = loss + hp.s2s_weight * loss_seq
         epoch = hp.epoch_counter.current
-        loss_ga = torch.zeros((), device=loss.device)
-        if hp.guided_attn_weight > 0 and (hp.guided_attn_epochs <= 0 or epoch <= hp.guided_attn_epochs):
+        if attn is not None and hp.guided_attn_weight > 0 and (
+                hp.guided_attn_epochs <= 0 or epoch <= hp.guided_attn_epochs):
             loss_ga = M.guided_attention_loss(
                 attn, M.abs_lengths(eos_lens, attn.shape[1]), M.abs_lengths(wav_lens, attn.shape[2]),
                 hp.guided_attn_sigma,
             )
             loss = loss + hp.guided_attn_weight * loss_ga
         if torch.isfinite(loss):
-            for k, v in (("ctc", loss_ctc), ("seq", loss_seq), ("guided", loss_ga)):
-                self.parts[k] += float(v.detach())
+            self.parts["ctc"] += float(loss_ctc.detach())
             self.parts["n"] += 1
+            if attn is not None:
+                self.parts["seq"] += float(loss_seq.detach())
+                self.parts["guided"] += float(loss_ga.detach())
+                self.parts["n_dec"] += 1
         if stage != sb.Stage.TRAIN:
             self.ctc_metrics.append(batch.id, p_ctc, tokens, wav_lens, tok_lens)
             hyps = M.ctc_greedy(p_ctc, wav_lens)
@@ -191,11 +200,25 @@ class PhonemeBrain(sb.Brain):
         self.pad["real"] += float((lens * n).round().sum())
         self.pad["batches"] += 1
         self.pad["utts"] += wavs.shape[0]
-        warmup = int(self.hparams.warmup_steps)
-        if should_step and warmup > 0 and self.optimizer_step <= warmup:  # linear lr warm-up, then NewBob's value
-            lr = self.hparams.lr_annealing.hyperparam_value * min(1.0, (self.optimizer_step + 1) / warmup)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+        if not should_step:
+            return
+        hp = self.hparams
+        warmup = int(hp.warmup_steps)
+        scale = min(1.0, (self.optimizer_step + 1) / warmup) if warmup > 0 else 1.0  # linear lr warm-up
+        if hp.lr_schedule == "cosine":  # decays to lr * lr_final_ratio at the end of the epochs or the time budget
+            try:
+                per_epoch = len(self.train_sampler)
+            except TypeError:
+                per_epoch = self.results.get("batches_per_epoch", 0)
+            progress = run_progress(hp.epoch_counter.current, self.step, per_epoch, hp.epoch_counter.limit,
+                                    self.clock.elapsed(), float(hp.max_train_minutes) * 60)
+            lr = cosine_lr(float(hp.lr), progress, float(hp.lr_final_ratio)) * scale
+        elif warmup > 0 and self.optimizer_step <= warmup:  # then NewBob's value
+            lr = hp.lr_annealing.hyperparam_value * scale
+        else:
+            return
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def on_stage_start(self, stage, epoch=None):
         self.parts = Counter()
@@ -208,8 +231,9 @@ class PhonemeBrain(sb.Brain):
             self.beam_metrics = self.hparams.per_stats()
 
     def _parts(self):
-        n = max(self.parts["n"], 1)
-        return {k: round(self.parts[k] / n, 4) for k in ("ctc", "seq", "guided")}
+        n, n_dec = max(self.parts["n"], 1), max(self.parts["n_dec"], 1)
+        return {"ctc": round(self.parts["ctc"] / n, 4), "seq": round(self.parts["seq"] / n_dec, 4),
+                "guided": round(self.parts["guided"] / n_dec, 4)}
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         hp, res = self.hparams, self.results
@@ -225,8 +249,11 @@ class PhonemeBrain(sb.Brain):
         per = self.per_metrics.summarize("error_rate")
         stats = {"loss": stage_loss, **self._parts(), "PER": per}
         if stage == sb.Stage.VALID:
-            old_lr, new_lr = hp.lr_annealing(stage_loss if hp.lr_anneal_on == "loss" else per)
-            sb.nnet.schedulers.update_learning_rate(self.optimizer, new_lr)
+            if hp.lr_schedule == "cosine":
+                old_lr = self.optimizer.param_groups[0]["lr"]
+            else:
+                old_lr, new_lr = hp.lr_annealing(stage_loss if hp.lr_anneal_on == "loss" else per)
+                sb.nnet.schedulers.update_learning_rate(self.optimizer, new_lr)
             meta = {"epoch": epoch, "lr": old_lr, "nonfinite_skipped": self.nonfinite_total}
             for lg in self.loggers:
                 lg.log_stats(stats_meta=meta, train_stats=self.train_stats, valid_stats=stats)
@@ -234,8 +261,8 @@ class PhonemeBrain(sb.Brain):
             res["valid_time"] = time.time() - self.stage_t0
             self.checkpointer.save_and_keep_only(meta={"PER": per, "epoch": epoch}, min_keys=["PER"], num_to_keep=1)
             budget = float(hp.max_train_minutes) * 60
-            spent = time.time() - self.fit_t0
-            if budget > 0 and spent + spent / len(res["valid"]) > budget:  # the next epoch would overrun the budget
+            spent = self.clock.elapsed()  # includes the runs before a resume
+            if budget > 0 and spent + spent / max(epoch, 1) > budget:  # the next epoch would overrun the budget
                 logger.info(f"max_train_minutes={hp.max_train_minutes}: stopping after epoch {epoch} ({spent:.0f} s)")
                 hp.epoch_counter.limit = epoch
         else:
@@ -513,7 +540,8 @@ def write_reports(brain, hparams, counts, vocab, run_id, t_start, resumed_epoch,
     batch_utts = res.get("mean_batch_utts", 0.0)
     metrics = {
         "run_id": run_id, "model": hparams["model_name"], "task": TASK, "output_dir": str(out),
-        "data": dict(counts), "epochs": hparams["epoch_counter"].current, "resumed_from_epoch": resumed_epoch,
+        "data": dict(counts), "epochs": res.get("epochs_trained", hparams["epoch_counter"].current),
+        "resumed_from_epoch": resumed_epoch,
         "train_loss": res["train_loss"][-1] if res["train_loss"] else None,
         "train_loss_history": res["train_loss"], "valid_history": res["valid"],
         "best_valid_PER": best.get("PER"), "best_epoch": best.get("epoch"),
@@ -657,6 +685,8 @@ def main(argv=None) -> int:
     brain.results = {"train_loss": [], "valid": [], "padding_ratio": [], "train_time": 0.0}
     brain.nonfinite_run = brain.nonfinite_total = 0
     brain.pad = Counter()
+    brain.clock = TrainClock()  # training seconds across resumes (the max_train_minutes budget, the cosine lr)
+    brain.checkpointer.add_recoverable("train_clock", brain.clock, optional_load=True)
     hparams["train_logger"].log_stats(stats_meta={"data": " ".join(f"{k}={v}" for k, v in sorted(counts.items()))})
     logger.info(f"data: {dict(counts)}")
 
@@ -670,13 +700,13 @@ def main(argv=None) -> int:
     eval_opts = {**loader_opts, "batch_size": int(hparams["batch_size"])}
 
     t0 = time.time()
-    brain.fit_t0 = t0
     brain.checkpointer.recover_if_possible()  # only to report where we resume; fit() recovers again
     resumed_epoch = hparams["epoch_counter"].current
     if resumed_epoch:
         logger.info(f"resuming after epoch {resumed_epoch}")
     brain.fit(hparams["epoch_counter"], datasets["train"], datasets["valid"], train_loader_kwargs=train_opts,
               valid_loader_kwargs=eval_opts)
+    brain.results["epochs_trained"] = hparams["epoch_counter"].current  # before testing loads the best checkpoint
     if brain.nonfinite_total:
         logger.warning(f"{brain.nonfinite_total} training batches skipped (non-finite loss or input)")
     if "test" in datasets:

@@ -137,7 +137,8 @@ def test_overfit_one_batch_reaches_zero_per(corpus, tmp_path):
 
 def test_resume_after_kill(corpus, tmp_path):
     out = tmp_path / "resume"
-    args = ["--number_of_epochs", "3", "--ckpt_interval_steps", "1", "--max_batch_length", "6"]
+    args = ["--number_of_epochs", "3", "--ckpt_interval_steps", "1", "--max_batch_length", "6",
+            "--lr_schedule", "cosine", "--s2s_every", "2"]
     proc = subprocess.Popen(train_cmd(corpus, out, *args), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
@@ -157,12 +158,22 @@ def test_resume_after_kill(corpus, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert logged_epochs(out)[-1] < 3
+    before = max(json.loads(f.read_text())["elapsed_s"] for f in (out / "save").glob("CKPT*/train_clock.ckpt"))
     r = run_train(corpus, out, *args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert logged_epochs(out) == [1, 2, 3]  # every epoch exactly once: the counter continued
     m = json.loads((out / "metrics.json").read_text())
     assert m["resumed_from_epoch"] >= 1 and m["epochs"] == 3
     assert "intra-epoch" in (out / "log.txt").read_text() or "Loading a checkpoint" in (out / "log.txt").read_text()
+    # the training clock (max_train_minutes budget, cosine progress) continued from the killed run
+    after = max(json.loads(f.read_text())["elapsed_s"] for f in (out / "save").glob("CKPT*/train_clock.ckpt"))
+    assert after > before > 0
+    lrs = [float(ln.split("lr: ")[1].split(",")[0]) for ln in (out / "train_log.txt").read_text().splitlines()
+           if ln.startswith("epoch: ")]
+    assert lrs[0] > lrs[1] > lrs[2], lrs  # cosine decay, also across the resume
+    seq = [float(ln.split("train seq: ")[1].split(",")[0]) for ln in (out / "train_log.txt").read_text().splitlines()
+           if ln.startswith("epoch: ")]
+    assert all(v > 0 for v in seq)  # s2s_every 2: the decoder still trained on every other batch
 
 
 def _append(args):

@@ -1,0 +1,56 @@
+"""Training clock and a learning-rate schedule tied to the run's length (epochs or wall-clock budget).
+
+``TrainClock`` counts the seconds spent in ``fit`` across resumes (it is a checkpoint recoverable), so a run killed
+and resumed keeps its ``max_train_minutes`` budget instead of starting the budget again.
+
+``cosine_lr`` decays the learning rate from ``lr`` to ``lr * final_ratio`` over the run: progress is the larger of
+the epoch fraction and the fraction of the time budget already spent, so a budget-bound run ends at the low rate
+whichever limit ends it first (NewBob only reacts after a bad epoch, which a short run rarely has).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
+
+
+@register_checkpoint_hooks
+class TrainClock:
+    """Seconds of training so far, including the runs before a resume."""
+
+    def __init__(self):
+        self.before = 0.0  # seconds of earlier (checkpointed) runs
+        self.t0 = time.time()
+
+    def start(self) -> None:
+        self.t0 = time.time()
+
+    def elapsed(self) -> float:
+        return self.before + time.time() - self.t0
+
+    @mark_as_saver
+    def _save(self, path) -> None:
+        Path(path).write_text(json.dumps({"elapsed_s": self.elapsed()}), encoding="utf-8")
+
+    @mark_as_loader
+    def _load(self, path, end_of_epoch=True) -> None:
+        self.before = float(json.loads(Path(path).read_text(encoding="utf-8"))["elapsed_s"])
+        self.t0 = time.time()
+
+
+def run_progress(epoch: int, batch: int, batches_per_epoch: int, epochs: int, elapsed_s: float,
+                 budget_s: float) -> float:
+    """Fraction of the run done, in [0, 1]: the larger of the epoch fraction and the spent time budget."""
+    frac = (max(epoch, 1) - 1 + batch / max(batches_per_epoch, 1)) / max(epochs, 1)
+    if budget_s > 0:
+        frac = max(frac, elapsed_s / budget_s)
+    return min(max(frac, 0.0), 1.0)
+
+
+def cosine_lr(lr: float, progress: float, final_ratio: float = 0.05) -> float:
+    """Half-cosine from ``lr`` (progress 0) to ``lr * final_ratio`` (progress 1)."""
+    low = lr * final_ratio
+    return low + (lr - low) * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))

@@ -1,0 +1,60 @@
+"""common/schedules.py (training clock, cosine lr) and common/metrics.py (edit distance)."""
+from __future__ import annotations
+
+import random
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common.metrics import error_rate, levenshtein  # noqa: E402
+from common.schedules import TrainClock, cosine_lr, run_progress  # noqa: E402
+
+
+def test_cosine_lr_endpoints_and_monotone():
+    assert cosine_lr(0.003, 0.0, 0.05) == pytest.approx(0.003)
+    assert cosine_lr(0.003, 1.0, 0.05) == pytest.approx(0.00015)
+    assert cosine_lr(0.003, 0.5, 0.05) == pytest.approx((0.003 + 0.00015) / 2)
+    vals = [cosine_lr(1.0, p / 20, 0.1) for p in range(21)]
+    assert all(a > b for a, b in zip(vals, vals[1:]))
+    assert cosine_lr(1.0, 1.7, 0.1) == pytest.approx(0.1) and cosine_lr(1.0, -1, 0.1) == pytest.approx(1.0)
+
+
+def test_run_progress_takes_the_tighter_limit():
+    # epoch 3 of 10, half way through it: 25 %; the time budget is half spent: 50 % wins
+    assert run_progress(3, 50, 100, 10, 0.0, 0.0) == pytest.approx(0.25)
+    assert run_progress(3, 50, 100, 10, 450.0, 900.0) == pytest.approx(0.5)
+    assert run_progress(1, 0, 0, 10, 10.0, 0.0) == 0.0
+    assert run_progress(12, 0, 10, 10, 0.0, 0.0) == 1.0
+
+
+def test_train_clock_survives_save_and_load(tmp_path):
+    c = TrainClock()
+    c.before = 100.0
+    time.sleep(0.05)
+    c._save(tmp_path / "clock.ckpt")
+    d = TrainClock()
+    d._load(tmp_path / "clock.ckpt")
+    assert 100.04 < d.elapsed() < 101.0
+
+
+def _slow_levenshtein(a, b):
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+    return d[-1][-1]
+
+
+def test_levenshtein_matches_textbook_dp():
+    rng = random.Random(0)
+    for _ in range(500):
+        a = [rng.randint(0, 4) for _ in range(rng.randint(0, 15))]
+        b = [rng.randint(0, 4) for _ in range(rng.randint(0, 15))]
+        assert levenshtein(a, b) == _slow_levenshtein(a, b), (a, b)
+    assert levenshtein([1, 2, 3], [1, 2, 3]) == 0 and levenshtein([], [4, 5]) == 2
+    assert error_rate([1, 2, 3, 4], [1, 3, 4, 9]) == pytest.approx(50.0)
