@@ -69,6 +69,37 @@ class TrainingDiverged(UserError):
     """Too many consecutive non-finite losses."""
 
 
+def average_last_checkpoints(brain, hparams, valid_set, eval_opts) -> dict | None:
+    """``average_last`` K >= 2: average the model weights of the last K end-of-epoch checkpoints (SpeechBrain's
+    ``average_checkpoints``), score the average on the validation set, and save it as a checkpoint when its
+    valid PER beats every epoch (test and export then load it as the best). Single-process, full-model runs."""
+    k = int(hparams["average_last"])
+    if k < 2 or brain.freeze_norm_stats or int(os.environ.get("WORLD_SIZE", "1")) > 1 or hparams["overfit_one_batch"]:
+        return None
+    ckpts = brain.checkpointer.find_checkpoints(
+        ckpt_predicate=lambda c: c.meta.get("end-of-epoch") and "averaged" not in c.meta, max_num_checkpoints=k)
+    if len(ckpts) < 2:
+        return None
+    best = min((v["PER"] for v in brain.results["valid"]), default=float("inf"))
+    last = max(c.meta.get("epoch", 0) for c in ckpts)
+    hparams["model"].load_state_dict(sb.utils.checkpoints.average_checkpoints(ckpts, "model"))
+    loader = brain.make_dataloader(valid_set, sb.Stage.VALID, **eval_opts)
+    brain.on_stage_start(sb.Stage.VALID)
+    brain.modules.eval()
+    with torch.no_grad():
+        for batch in loader:
+            brain.evaluate_batch(batch, stage=sb.Stage.VALID)
+    per = brain.per_metrics.summarize("error_rate")
+    kept = per < best
+    info = {"checkpoints": len(ckpts), "epochs": sorted(c.meta.get("epoch") for c in ckpts),
+            "valid_PER": round(per, 3), "best_epoch_valid_PER": round(best, 3), "used": kept}
+    hparams["train_logger"].log_stats(stats_meta={"averaged last": len(ckpts), "epoch": last},
+                                      valid_stats={"PER": per, "used": int(kept)})
+    if kept:
+        brain.checkpointer.save_checkpoint(meta={"PER": per, "epoch": last, "averaged": len(ckpts)})
+    return info
+
+
 def _all_ranks(flag) -> bool:
     """``flag`` on this process AND on every other DDP process (one all_reduce; plain bool without DDP)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -259,7 +290,8 @@ class PhonemeBrain(sb.Brain):
                 lg.log_stats(stats_meta=meta, train_stats=self.train_stats, valid_stats=stats)
             res["valid"].append({"epoch": epoch, "loss": stage_loss, "PER": per, "lr": old_lr})
             res["valid_time"] = time.time() - self.stage_t0
-            self.checkpointer.save_and_keep_only(meta={"PER": per, "epoch": epoch}, min_keys=["PER"], num_to_keep=1)
+            self.checkpointer.save_and_keep_only(meta={"PER": per, "epoch": epoch}, min_keys=["PER"],
+                                                 num_to_keep=max(1, int(hp.average_last)))
             budget = float(hp.max_train_minutes) * 60
             spent = self.clock.elapsed()  # includes the runs before a resume
             if budget > 0 and spent + spent / max(epoch, 1) > budget:  # the next epoch would overrun the budget
@@ -541,6 +573,7 @@ def write_reports(brain, hparams, counts, vocab, run_id, t_start, resumed_epoch,
     metrics = {
         "run_id": run_id, "model": hparams["model_name"], "task": TASK, "output_dir": str(out),
         "data": dict(counts), "epochs": res.get("epochs_trained", hparams["epoch_counter"].current),
+        "averaged_checkpoints": res.get("averaged"),
         "resumed_from_epoch": resumed_epoch,
         "train_loss": res["train_loss"][-1] if res["train_loss"] else None,
         "train_loss_history": res["train_loss"], "valid_history": res["valid"],
@@ -707,6 +740,7 @@ def main(argv=None) -> int:
     brain.fit(hparams["epoch_counter"], datasets["train"], datasets["valid"], train_loader_kwargs=train_opts,
               valid_loader_kwargs=eval_opts)
     brain.results["epochs_trained"] = hparams["epoch_counter"].current  # before testing loads the best checkpoint
+    brain.results["averaged"] = average_last_checkpoints(brain, hparams, datasets["valid"], eval_opts)
     if brain.nonfinite_total:
         logger.warning(f"{brain.nonfinite_total} training batches skipped (non-finite loss or input)")
     if "test" in datasets:

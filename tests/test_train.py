@@ -77,10 +77,13 @@ def copy_manifests(src: Path, dst: Path) -> Path:
 def test_short_run_learns_and_writes_outputs(corpus, tmp_path):
     out, sweep = tmp_path / "run", tmp_path / "sweep.csv"
     r = run_train(corpus, out, "--number_of_epochs", "6", "--lr", "0.003", "--metrics_csv", sweep,
-                  "--run_id", "t1", "--max_batch_length", "12")
+                  "--run_id", "t1", "--max_batch_length", "12", "--average_last", "3")
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["epochs"] == 6 and logged_epochs(out) == [1, 2, 3, 4, 5, 6]
+    avg = m["averaged_checkpoints"]  # the last 3 epochs averaged, scored on valid, kept only if it is the best
+    assert avg["epochs"] == [4, 5, 6] and 0 <= avg["valid_PER"] <= 100
+    assert avg["used"] == (avg["valid_PER"] < avg["best_epoch_valid_PER"])
     losses = m["train_loss_history"]
     assert losses[-1] < 0.6 * losses[0], losses
     assert m["valid_history"][-1]["loss"] < m["valid_history"][0]["loss"]
