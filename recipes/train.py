@@ -733,6 +733,9 @@ def main(argv=None) -> int:
     eval_opts = {**loader_opts, "batch_size": int(hparams["batch_size"])}
 
     t0 = time.time()
+    if hasattr(brain.checkpointer, "remove_incomplete"):
+        for d in brain.checkpointer.remove_incomplete():  # a save interrupted by a kill
+            logger.info(f"removed incomplete checkpoint {d}")
     brain.checkpointer.recover_if_possible()  # only to report where we resume; fit() recovers again
     resumed_epoch = hparams["epoch_counter"].current
     if resumed_epoch:

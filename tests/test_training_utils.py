@@ -1,4 +1,5 @@
-"""common/schedules.py (training clock, cosine lr) and common/metrics.py (edit distance)."""
+"""common/schedules.py (training clock, cosine lr), common/metrics.py (edit distance) and common/checkpoint.py
+(checkpoints that appear only once complete)."""
 from __future__ import annotations
 
 import random
@@ -7,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -58,3 +60,34 @@ def test_levenshtein_matches_textbook_dp():
         assert levenshtein(a, b) == _slow_levenshtein(a, b), (a, b)
     assert levenshtein([1, 2, 3], [1, 2, 3]) == 0 and levenshtein([], [4, 5]) == 2
     assert error_rate([1, 2, 3, 4], [1, 3, 4, 9]) == pytest.approx(50.0)
+
+
+def test_interrupted_save_is_invisible_and_cleaned(tmp_path):
+    from common.checkpoint import AtomicCheckpointer
+
+    class Boom(torch.nn.Module):  # its saver dies half way, like a SIGKILL during a save
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+            self.fail = False
+
+    model, other = torch.nn.Linear(2, 2), Boom()
+
+    def save_other(obj, path):
+        if obj.fail:
+            Path(path).write_bytes(b"PK\x03")  # a truncated file
+            raise KeyboardInterrupt
+        torch.save(obj.state_dict(), path)
+
+    ck = AtomicCheckpointer(tmp_path / "save", recoverables={"model": model})
+    ck.add_recoverable("other", other, custom_save_hook=save_other,
+                       custom_load_hook=lambda obj, path, end: obj.load_state_dict(torch.load(path)))
+    good = ck.save_checkpoint(meta={"PER": 50.0})
+    assert (good.path / "CKPT.yaml").is_file() and not list(good.path.glob(".*pending"))
+    other.fail = True
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint(meta={"PER": 10.0})
+    assert [c.path for c in ck.list_checkpoints()] == [good.path]  # the broken one is not a checkpoint
+    assert ck.recover_if_possible().path == good.path
+    removed = ck.remove_incomplete()
+    assert len(removed) == 1 and not removed[0].exists() and good.path.exists()
