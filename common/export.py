@@ -193,12 +193,12 @@ def batches_by_length(items: list[Item], seconds: float) -> list[list[int]]:
     return out
 
 
-def greedy_per(ctc_logp: torch.Tensor, ids: list[int], blank_id: int = 0) -> float:
+def greedy_per(ctc_logp: torch.Tensor, ids: list[int]) -> float:
     """PER (%) of the CTC best path [T, V] against the expected tokens (a cheap transcript-mismatch detector)."""
     from common.metrics import error_rate
+    from common.model import ctc_greedy
 
-    best = torch.unique_consecutive(ctc_logp.argmax(-1))
-    return error_rate(ids, best[best != blank_id].tolist())
+    return error_rate(ids, ctc_greedy(ctc_logp[None], torch.ones(1))[0])
 
 
 @torch.inference_mode()
@@ -261,9 +261,10 @@ def export_corpus(opts: Options) -> dict:
         for k, it in enumerate(batch):
             u, lead, trail = A.alignment_units(it.tokens, opts.edge_silence)
             units.append((u, lead, trail))
+            ctc_k = ctc_logp[k, : frame_lens[k]]
             att_k = None if attn is None else attn[k, :, : frame_lens[k]]
-            sc = A.score_matrix(ctc_logp[k, : frame_lens[k]], att_k, it.ids, lead, trail, opts.scores, opts.ctc_weight)
-            spans = A.ctc_emissions(ctc_logp[k, : frame_lens[k]], it.ids) if opts.anchor else None
+            sc = A.score_matrix(ctc_k, att_k, it.ids, lead, trail, opts.scores, opts.ctc_weight)
+            spans = A.ctc_emissions(ctc_k, it.ids) if opts.anchor else None
             scores.append(A.anchor(sc, spans, lead) if spans else sc)
         frames = A.mas_frames(scores, frame_lens)
         done = [dict(it=it, units=units[k], frames=frames[k], ctc=ctc_logp[k, : frame_lens[k]].cpu(),

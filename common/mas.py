@@ -313,6 +313,16 @@ def _numba_available() -> bool:
     return _has_module("numba")
 
 
+def _dp_values(value: torch.Tensor) -> tuple[np.ndarray, type]:
+    """The scores as a contiguous CPU numpy array in the DP dtype (shares memory with ``value`` when it already
+    is one; the kernels only read it), and that numpy dtype."""
+    work_dtype = _dp_dtype(value.dtype)
+    v = value.detach()
+    if v.device.type != "cpu" or v.dtype != work_dtype or not v.is_contiguous():
+        v = v.to("cpu", work_dtype).contiguous()
+    return v.numpy(), (np.float64 if work_dtype == torch.float64 else np.float32)
+
+
 def _maximum_path_numba(value: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     loaded = _numba_kernel()
     if loaded is None:
@@ -326,12 +336,7 @@ def _maximum_path_numba(value: torch.Tensor, mask: torch.Tensor, dtype: torch.dt
     t_x, t_y = _lengths(mask)
     tx_np = t_x.cpu().numpy()
     ty_np = t_y.cpu().numpy()
-    work_dtype = _dp_dtype(value.dtype)
-    np_dtype = np.float64 if work_dtype == torch.float64 else np.float32
-    v = value.detach()
-    if v.device.type != "cpu" or v.dtype != work_dtype or not v.is_contiguous():
-        v = v.to("cpu", work_dtype).contiguous()
-    v = v.numpy()  # shares memory with the caller's tensor; the kernel only reads it
+    v, np_dtype = _dp_values(value)
     cells = tx_np.astype(np.int64) * ty_np.astype(np.int64)
     idx = np.zeros((B, S), dtype=np.int32)
     if B > 0 and cells.max() > 0:
@@ -351,17 +356,13 @@ def _maximum_path_numba_small(serial_fused, value: torch.Tensor, mask: torch.Ten
                               ) -> torch.Tensor:
     """One item, or a batch too small for threads: one compiled call does lengths, DP and path fill."""
     B, T, S = value.shape
-    work_dtype = _dp_dtype(value.dtype)
-    np_dtype = np.float64 if work_dtype == torch.float64 else np.float32
-    v = value.detach()
-    if v.device.type != "cpu" or v.dtype != work_dtype or not v.is_contiguous():
-        v = v.to("cpu", work_dtype).contiguous()
+    v, np_dtype = _dp_values(value)
     m = mask.detach()
     if m.device.type != "cpu" or m.dtype in (torch.bfloat16, torch.float16):
         m = m.to("cpu", torch.float32 if m.dtype in (torch.bfloat16, torch.float16) else m.dtype)
     path = torch.zeros((B, T, S), dtype=dtype)
     with _NUMBA_LOCK:
-        serial_fused(v.numpy(), m.numpy(), np_dtype(NEG), path.numpy(), _work_buffer(1, T * S)[0])
+        serial_fused(v, m.numpy(), np_dtype(NEG), path.numpy(), _work_buffer(1, T * S)[0])
     return path.to(value.device)
 
 

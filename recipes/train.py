@@ -74,7 +74,7 @@ def average_last_checkpoints(brain, hparams, valid_set, eval_opts) -> dict | Non
     ``average_checkpoints``), score the average on the validation set, and save it as a checkpoint when its
     valid PER beats every epoch (test and export then load it as the best). Single-process, full-model runs."""
     k = int(hparams["average_last"])
-    if k < 2 or brain.freeze_norm_stats or int(os.environ.get("WORLD_SIZE", "1")) > 1 or hparams["overfit_one_batch"]:
+    if k < 2 or brain.freeze_norm_stats or _world_size() > 1 or hparams["overfit_one_batch"]:
         return None
     ckpts = brain.checkpointer.find_checkpoints(
         ckpt_predicate=lambda c: c.meta.get("end-of-epoch") and "averaged" not in c.meta, max_num_checkpoints=k)
@@ -98,6 +98,11 @@ def average_last_checkpoints(brain, hparams, valid_set, eval_opts) -> dict | Non
     if kept:
         brain.checkpointer.save_checkpoint(meta={"PER": per, "epoch": last, "averaged": len(ckpts)})
     return info
+
+
+def _world_size() -> int:
+    """Processes of this run (torchrun's WORLD_SIZE; 1 without DDP)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _all_ranks(flag) -> bool:
@@ -473,7 +478,7 @@ def setup_finetune(hparams, ckpt) -> dict:
 
 
 def _write_lora_file(hparams, info) -> None:
-    write_json(Path(hparams["output_folder"]) / M.LORA_FILE, {k: v for k, v in info.items() if not k.startswith("_")})
+    write_json(Path(hparams["output_folder"]) / M.LORA_FILE, _public(info))
 
 
 def _public(info: dict) -> dict:
@@ -589,7 +594,7 @@ def write_reports(brain, hparams, counts, vocab, run_id, t_start, resumed_epoch,
         "peak_memory_mb": round(_peak_memory_mb(device), 1), "device": device, "precision": brain.precision,
         "grad_accum": brain.grad_accumulation_factor, "n_params": nparams, "notes": hparams["notes"],
         "overfit_one_batch": bool(hparams["overfit_one_batch"]),
-        "world_size": int(os.environ.get("WORLD_SIZE", 1)), "batches_per_epoch": res.get("batches_per_epoch"),
+        "world_size": _world_size(), "batches_per_epoch": res.get("batches_per_epoch"),
         "pretrained_path": finetune.get("pretrained_path"),
         "peft": finetune["peft"], "lora_r": finetune.get("lora_r"), "lora_alpha": finetune.get("lora_alpha"),
         "lora_dropout": finetune.get("lora_dropout"), "save_full_model": bool(hparams["save_full_model"]),
@@ -623,7 +628,7 @@ def write_reports(brain, hparams, counts, vocab, run_id, t_start, resumed_epoch,
     if hparams["metrics_csv"]:
         gpu = torch.cuda.get_device_name(brain.device) if device.startswith("cuda") else ""
         compute = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[brain.precision]
-        world = int(os.environ.get("WORLD_SIZE", 1))
+        world = _world_size()
         langs = Counter(hparams.get("_languages", []))
         append_metrics_csv(hparams["metrics_csv"], {
             "timestamp": datetime.datetime.now().isoformat(timespec="seconds"), "run_id": run_id,
@@ -703,7 +708,7 @@ def main(argv=None) -> int:
             tb = sb.utils.train_logger.TensorboardLogger(hparams["tensorboard_folder"])
         except ImportError:
             raise UserError("--tensorboard True needs the tensorboard package (pip install tensorboard)") from None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+    if _world_size() > 1 and not torch.cuda.is_available():
         # SpeechBrain converts BatchNorm to SyncBatchNorm under DDP, which runs only on CUDA: with gloo on CPU each
         # process keeps its own BatchNorm statistics instead.
         class _LocalBatchNorm:

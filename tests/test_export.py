@@ -15,7 +15,7 @@ import soundfile as sf
 import torch
 
 from common.durations import read_alignments
-from tests.utils import ROOT, run, subprocess_env, train_tiny
+from tests.utils import ROOT, one_line_error, run, subprocess_env, train_tiny
 
 EXPORT = ROOT / "align" / "export_durations.py"
 MATCHA_G2P = "matcha.text.cleaners:english_cleaners2"
@@ -131,14 +131,6 @@ def test_npy_layout_loads_in_text_mel_dataset(corpus_copy, monkeypatch):
     check_generate_path([it["durations"] for it in items], [it["y"].shape[-1] for it in items])
     stems = {Path(rel).name for rel, _ in rows(corpus)}
     assert {p.stem for p in (corpus / "wavs" / "durations").glob("*.npy")} == stems
-
-
-def one_line_error(r, *needles):
-    assert r.returncode == 2, r.stdout + r.stderr
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_missing_mels_is_an_error_listing_files(corpus_copy):

@@ -19,7 +19,7 @@ from common.io import read_manifest  # noqa: E402
 from recipes.train import DistributedBatchSamplerWrapper  # noqa: E402
 from speechbrain.dataio.sampler import DistributedSamplerWrapper  # noqa: E402
 from speechbrain.utils.checkpoints import Checkpointer  # noqa: E402
-from tests.utils import TINY_MODEL, subprocess_env, train_tiny  # noqa: E402
+from tests.utils import TINY_MODEL, one_line_error, subprocess_env, train_tiny  # noqa: E402
 
 LORA = dict(peft="lora", lora_r=4, lora_alpha=8, lora_dropout=0.1, overfit_epochs=2)
 
@@ -55,15 +55,6 @@ def train_cmd(data, out, *extra) -> list[str]:
 
 def run(cmd, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=subprocess_env())
-
-
-def one_line_error(r, *needles) -> str:
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(err) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    for n in needles:
-        assert n in err[0], err[0]
-    return err[0]
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from common.io import read_manifest, write_manifest  # noqa: E402
 from recipes.train import METRICS_CSV_HEADER, append_metrics_csv  # noqa: E402
+from tests.utils import one_line_error  # noqa: E402
 
 TINY = [  # a small model so a run takes seconds
     "--conv_channels", "96", "--rnn_neurons", "96", "--rnn_layers", "1", "--enc_dim", "96", "--dec_neurons", "96",
@@ -195,19 +196,10 @@ def test_metrics_csv_concurrent_appends(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------------ bad input
-def _one_line_error(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    err_lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(err_lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    for n in needles:
-        assert n in err_lines[0], err_lines[0]
-    return err_lines[0]
-
-
 def test_empty_manifest(corpus, tmp_path):
     data = copy_manifests(corpus, tmp_path / "d")
     write_manifest(data / "train.csv", [])
-    _one_line_error(run_train(data, tmp_path / "o"), "train.csv", "empty")
+    one_line_error(run_train(data, tmp_path / "o"), "train.csv", "empty")
 
 
 def test_unknown_token_names_row(corpus, tmp_path):
@@ -215,13 +207,13 @@ def test_unknown_token_names_row(corpus, tmp_path):
     rows = read_manifest(data / "valid.csv")
     rows[1]["phn"] += " QQ"
     write_manifest(data / "valid.csv", rows)
-    _one_line_error(run_train(data, tmp_path / "o"), "valid.csv:3", rows[1]["ID"], "'QQ'")
+    one_line_error(run_train(data, tmp_path / "o"), "valid.csv:3", rows[1]["ID"], "'QQ'")
 
 
 def test_metrics_csv_with_foreign_header(corpus, tmp_path):
     bad = tmp_path / "other.csv"
     bad.write_text("a,b\n1,2\n")
-    _one_line_error(run_train(corpus, tmp_path / "o", "--metrics_csv", bad), "other.csv", "header")
+    one_line_error(run_train(corpus, tmp_path / "o", "--metrics_csv", bad), "other.csv", "header")
 
 
 def test_infeasible_and_nan_rows_are_skipped(corpus, tmp_path):
@@ -254,8 +246,8 @@ def test_consecutive_nan_losses_stop_with_clear_error(corpus, tmp_path):
     write_manifest(data / "train.csv", rows)
     r = run_train(data, tmp_path / "o", "--dynamic_batching", "False", "--batch_size", "1",
                   "--max_nonfinite_batches", "3", "--skip_test", "True")
-    _one_line_error(r, "3 consecutive", "non-finite")
+    one_line_error(r, "3 consecutive", "non-finite")
 
 
 def test_overfit_and_speechbrain_debug_do_not_mix(corpus, tmp_path):
-    _one_line_error(run_train(corpus, tmp_path / "o", "--overfit_one_batch", "True", "--debug"), "--debug")
+    one_line_error(run_train(corpus, tmp_path / "o", "--overfit_one_batch", "True", "--debug"), "--debug")

@@ -41,6 +41,17 @@ def run(cmd: list, timeout: float = 300, check: bool = True) -> subprocess.Compl
     return r
 
 
+def one_line_error(r: subprocess.CompletedProcess, *needles) -> str:
+    """A CLI that rejected bad input: exit code 2, exactly one ``error: ...`` line naming every needle, no
+    traceback. Returns that line."""
+    assert r.returncode == 2, (r.returncode, r.stdout[-1000:] + r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr[-2000:]
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
 def build_tiny_corpus(root: Path, num_utts: int = 30) -> Path:
     """festival corpus (22050 Hz, 3 voices) + manifests with festival phones; returns the manifest folder."""
     root = Path(root)
