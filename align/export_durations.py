@@ -39,6 +39,11 @@ def parse_args(argv=None) -> Options:
     p.add_argument("--no_edge_silence", dest="edge_silence", action="store_false")
     p.add_argument("--no_anchor", dest="anchor", action="store_false",
                    help="plain MAS, without pinning tokens to their CTC emissions (measured worse; see README)")
+    p.add_argument("--no_refine", dest="refine", action="store_false",
+                   help="skip boundary refinement (common/refine.py): faster, boundaries ~2x less accurate")
+    p.add_argument("--refine_rounds", type=int, default=8, help="refinement rounds (re-train + re-align)")
+    p.add_argument("--refine_minutes", type=float, default=0.0,
+                   help="wall-clock cap on the refiner's training (0 = none; it trains on <= 2 h of audio)")
     p.add_argument("--textgrid", action="store_true", help="also write DIR/textgrids/{rel_path}.TextGrid")
     p.add_argument("--plots", type=int, default=0, metavar="N", help="PNG plots of N utterances (DIR/durations/plots)")
     p.add_argument("--overwrite", action="store_true", help="recompute existing duration files")
@@ -57,6 +62,8 @@ def parse_args(argv=None) -> Options:
     a = p.parse_args(argv)
     if not 0.0 <= a.ctc_weight <= 1.0:
         p.error("--ctc_weight must be in [0, 1]")
+    if a.refine_rounds < 1:
+        p.error("--refine_rounds must be >= 1")
     if a.batch_seconds <= 0:
         p.error("--batch_seconds must be > 0")
     kw = {k: v for k, v in vars(a).items() if k != "no_progress"}

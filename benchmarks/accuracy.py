@@ -5,8 +5,9 @@
 
 1. synthesize a festival corpus (its own seed, and the second half of our sentence list: the tests use the first)
 2. manifests with ``--phones_tsv`` (festival phones; test split = sentences never seen in training), train
-3. export durations for every row (+ TextGrids) with each score kind (ctc / attention / joint) and with / without
-   CTC anchoring; evaluate against festival's phone times: all rows, and held-out sentences only
+3. export durations for every row (+ TextGrids): the first pass alone with each score kind (ctc / attention /
+   joint) and with / without CTC anchoring, then the default (joint + boundary refinement, common/refine.py);
+   evaluate against festival's phone times: all rows, and held-out sentences only
 4. corpus cleaning: export with K transcripts swapped between utterances and check that the flagged utterances
    (export_report.json) are the ones with large boundary errors
 5. the espeak-IPA path (G2P instead of --phones_tsv): train, export, evaluate (paired by edit distance)
@@ -99,13 +100,16 @@ def main() -> int:
     m = train(man, model, "--phones_tsv", corpus / "phones.tsv")
     results["PER festival phones (held-out sentences)"] = {"test_PER": m["test_PER"]}
     held_out = ids_of(man / "test.csv")
-    for kind, extra in (("ctc", ["--scores", "ctc"]), ("ctc, no anchoring", ["--scores", "ctc", "--no_anchor"]),
-                        ("attention", ["--scores", "attention"]), ("joint (default)", ["--scores", "joint"])):
+    first_pass = ["--no_refine"]
+    for kind, extra in (("ctc", ["--scores", "ctc", *first_pass]),
+                        ("ctc, no anchoring", ["--scores", "ctc", "--no_anchor", *first_pass]),
+                        ("attention", ["--scores", "attention", *first_pass]),
+                        ("joint", ["--scores", "joint", *first_pass]),
+                        ("joint + refinement (default)", [])):
         timing[f"export {kind}"] = round(export(corpus, model, *extra), 1)
         results[f"{kind}: durations, all rows"] = score(ref, corpus)
         results[f"{kind}: durations, held-out sentences"] = score(ref, corpus, held_out)
         results[f"{kind}: TextGrids, all rows"] = score(ref, corpus, textgrids=True)
-    export(corpus, model)  # leave the default export in place
 
     # corpus cleaning: swap K phone transcripts, export, see what is flagged
     rng = random.Random(a.seed)

@@ -6,7 +6,8 @@
 Runs ``common.export.export_corpus`` (audio load, features, model, CTC anchoring, MAS, Matcha frames, writing)
 on the corpus, in-process after one warm-up (model load and numba compilation are reported apart), and prints
 real-time factors for the configurations that matter: CTC scores (no attention decoder), joint scores (the
-default: the decoder runs too), batch sizes. The baseline in the same run is the per-utterance loop (``--batch_seconds`` of one
+decoder runs too), batch sizes (all first pass only, ``--no_refine``), and the default (joint + boundary
+refinement, which trains a frame classifier on the corpus: the accuracy mode). The baseline in the same run is the per-utterance loop (``--batch_seconds`` of one
 utterance), so the ratio shows what batching buys on this machine.
 """
 from __future__ import annotations
@@ -43,11 +44,13 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=2)
     a = ap.parse_args()
     run(a.corpus, a.model_dir, a.device, limit=min(a.limit or 8, 8))  # warm-up: imports, numba compile
-    configs = [("per-utterance, ctc (baseline)", dict(batch_seconds=1e-3, scores="ctc")),
-               ("batched 30 s, ctc", dict(batch_seconds=30.0, scores="ctc")),
-               ("batched 200 s, ctc", dict(batch_seconds=200.0, scores="ctc")),
-               ("batched 600 s, ctc", dict(batch_seconds=600.0, scores="ctc")),
-               ("batched 200 s, joint (default)", dict(batch_seconds=200.0, scores="joint"))]
+    first = dict(refine=False)
+    configs = [("per-utterance, ctc (baseline)", dict(batch_seconds=1e-3, scores="ctc", **first)),
+               ("batched 30 s, ctc", dict(batch_seconds=30.0, scores="ctc", **first)),
+               ("batched 200 s, ctc", dict(batch_seconds=200.0, scores="ctc", **first)),
+               ("batched 600 s, ctc", dict(batch_seconds=600.0, scores="ctc", **first)),
+               ("batched 200 s, joint (--no_refine)", dict(batch_seconds=200.0, scores="joint", **first)),
+               ("joint + refinement (default)", dict(batch_seconds=200.0, scores="joint"))]
     base = None
     print(f"{'configuration':<44}{'audio s':>9}{'wall s':>9}{'x realtime':>12}{'vs baseline':>13}")
     for name, kw in configs:

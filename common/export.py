@@ -1,7 +1,9 @@
 """Export Matcha-TTS durations for every row of a corpus (the engine behind ``align/export_durations.py``).
 
 Per row of ``corpus/metadata.csv``: our own features from the audio (``mels/`` is only read for its length), the
-token sequence from the G2P/symbols the model was trained with, model scores, MAS, Matcha frames. Everything that
+token sequence from the G2P/symbols the model was trained with, model scores, MAS (the first pass); then, unless
+``refine`` is off, boundary refinement over the whole corpus (``common/refine.py``: a frame classifier re-trained
+on the corpus' own alignments, then re-aligned at 5 ms); Matcha frames. Everything that
 can be checked is checked before anything is written; every file is written atomically; existing outputs are
 skipped unless ``overwrite`` (so a killed run resumes).
 """
@@ -22,6 +24,7 @@ from common.durations import (append_alignment, alignment_record, boundaries_to_
                               matcha_num_frames, npy_duration_paths, pt_duration_path, write_durations)
 from common.g2p import G2P, check_symbols, ipa_to_tokens, load_symbols
 from common.io import UserError, safe_join, write_json
+from common.vocab import BLANK_ID
 
 MAX_LISTED = 5
 
@@ -55,6 +58,9 @@ class Options:
     max_phone_s: float = 1.0
     high_per: float = 60.0
     anchor: bool = True  # pin tokens to their CTC forced-alignment emissions before MAS (common/align.py)
+    refine: bool = True  # boundary refinement (common/refine.py) after the first pass
+    refine_rounds: int = 8
+    refine_minutes: float = 0.0  # >0: wall-clock cap on the refiner's training
 
 
 @dataclass
@@ -246,14 +252,19 @@ def export_corpus(opts: Options) -> dict:
     hop_s = float(hparams["hop_length"]) / 1000.0
     results: dict[str, dict] = {}
     failures: dict[str, str] = {}
-    loader = torch.utils.data.DataLoader(AudioDataset([it.wav for it in todo], model_sr), batch_sampler=batches_by_length(todo, opts.batch_seconds),
-                                         collate_fn=_collate, num_workers=1 if len(todo) > 1 else 0)
+    refining = opts.refine and bool(todo)
+    first = items if refining else todo  # the refiner learns from every row, even those already written
+    loader = torch.utils.data.DataLoader(AudioDataset([it.wav for it in first], model_sr),
+                                         batch_sampler=batches_by_length(first, opts.batch_seconds),
+                                         collate_fn=_collate, num_workers=1 if len(first) > 1 else 0)
     plots = {"left": opts.plots, "dir": report_dir / "plots"}
     use_amp = device.startswith("cuda")
     audio_s = 0.0
-    bar = tqdm(total=len(todo), desc="export", unit="utt", disable=not opts.progress)
+    passed: list[dict | None] = [None] * len(first)
+    bar = tqdm(total=len(first), desc="export" if not refining else "first pass", unit="utt",
+               disable=not opts.progress)
     for idx, wavs, lens in loader:
-        batch = [todo[i] for i in idx]
+        batch = [first[i] for i in idx]
         tok_bos, tok_lens = batch_tokens_bos([it.ids for it in batch])
         ctc_logp, attn, frame_lens = _model_scores(modules, hparams, wavs.to(device), lens.to(device),
                                                    tok_bos.to(device), tok_lens.to(device), opts.scores, use_amp)
@@ -267,11 +278,25 @@ def export_corpus(opts: Options) -> dict:
             spans = A.ctc_emissions(ctc_k, it.ids) if opts.anchor else None
             scores.append(A.anchor(sc, spans, lead) if spans else sc)
         frames = A.mas_frames(scores, frame_lens)
-        done = [dict(it=it, units=units[k], frames=frames[k], ctc=ctc_logp[k, : frame_lens[k]].cpu(),
-                     scores=scores[k].cpu()) for k, it in enumerate(batch)]
-        audio_s += _write_all(done, hop_s, opts, align_file, results, failures, plots)
+        done = []
+        for k, (i, it) in enumerate(zip(idx, batch)):
+            ctc_k = ctc_logp[k, : frame_lens[k]].cpu()
+            d = dict(it=it, units=units[k], frames=frames[k], hop_s=hop_s,
+                     conf=A.token_confidence(ctc_k, it.ids, frames[k], units[k][1]), per=greedy_per(ctc_k, it.ids))
+            if plots["left"] > 0:
+                _plot(it, units[k][0], frames[k], scores[k].cpu(), hop_s, plots["dir"])
+                plots["left"] -= 1
+            passed[i] = d
+            done.append(d)
+        if not refining:
+            audio_s += _write_all(done, opts, align_file, results, failures)
         bar.update(len(batch))
     bar.close()
+    refine_stats = None
+    if refining:
+        refine_stats = _refine(passed, vocab, device, opts)
+        write = {it.rel for it in todo}
+        audio_s += _write_all([d for d in passed if d["it"].rel in write], opts, align_file, results, failures)
     flagged = {rel: r["flags"] for rel, r in results.items() if r["flags"]}
     elapsed = time.time() - t0
     report = {
@@ -286,6 +311,7 @@ def export_corpus(opts: Options) -> dict:
                        "high_per": f"CTC greedy PER vs the transcript > {opts.high_per}%"},
         "utterances": {rel: {k: r[k] for k in ("confidence", "greedy_per", "frames", "flags")}
                        for rel, r in results.items()},
+        "refine": refine_stats,
         "seconds": round(elapsed, 2), "audio_seconds": round(audio_s, 2),
         "realtime_factor": round(audio_s / elapsed, 1) if elapsed > 0 else None,
     }
@@ -293,32 +319,44 @@ def export_corpus(opts: Options) -> dict:
     return report
 
 
-def _write_all(done: list[dict], hop_s: float, opts: Options, align_file: Path, results: dict, failures: dict,
-               plots: dict) -> float:
+def _refine(passed: list[dict], vocab, device: str, opts: Options) -> dict:
+    """Replace every first-pass alignment by the refined one (frames at the refiner's 5 ms hop); returns stats."""
+    from common.audio import load_audio
+    from common.refine import RefineConfig, refine, unit_label_ids
+
+    cfg = RefineConfig(rounds=opts.refine_rounds, max_minutes=opts.refine_minutes)
+    unit_ids = [unit_label_ids(d["it"].ids, d["units"][1], d["units"][2], BLANK_ID) for d in passed]
+    first_ends = [A.frame_ends_seconds(d["frames"], d["hop_s"], d["it"].num_samples / d["it"].sr) for d in passed]
+    log = (lambda m: print(m, flush=True)) if opts.progress else None
+    counts, confs, stats = refine(lambda i: load_audio(passed[i]["it"].wav, cfg.sample_rate)[0], len(passed),
+                                  unit_ids, first_ends, len(vocab), cfg, device, log)
+    for d, c, rc in zip(passed, counts, confs):
+        d.update(frames=c, hop_s=cfg.hop_ms / 1000.0, refine_conf=rc)
+    return stats
+
+
+def _write_all(done: list[dict], opts: Options, align_file: Path, results: dict, failures: dict) -> float:
     """Write every finished utterance; returns the seconds of audio written."""
     audio_s = 0.0
     for d in done:
         it = d["it"]
         try:
-            results[it.rel] = _write_one(it, d["units"], d["frames"], d["ctc"], hop_s, opts, align_file)
-            if plots["left"] > 0:
-                _plot(it, d["units"][0], d["frames"], d["scores"], hop_s, plots["dir"])
-                plots["left"] -= 1
+            results[it.rel] = _write_one(d, opts, align_file)
             audio_s += it.num_samples / it.sr
         except (UserError, ValueError, OSError) as err:
             failures[it.rel] = str(err)
     return audio_s
 
 
-def _write_one(it: Item, units, frames: np.ndarray, ctc_logp: torch.Tensor, hop_s: float, opts: Options,
-               align_file: Path) -> dict:
-    tokens, lead, trail = units
+def _write_one(d: dict, opts: Options, align_file: Path) -> dict:
+    """One utterance's files. ``d``: the item, its aligned units, per-unit frame counts at ``hop_s``, the CTC
+    confidence of each token and the greedy PER (first pass), and the refiner's per-unit confidence if refined."""
+    it, (tokens, lead, trail), frames, hop_s, conf, per = (d["it"], d["units"], d["frames"], d["hop_s"], d["conf"],
+                                                            d["per"])
     duration = it.num_samples / it.sr
     seq, counts = matcha_layout(tokens, frames.tolist(), add_blank=opts.add_blank)
     ends = A.frame_ends_seconds(np.asarray(counts), hop_s, duration)
     durs = boundaries_to_matcha(ends, it.mel_frames, it.sr, opts.hop_length)
-    conf = A.token_confidence(ctc_logp, it.ids, frames, lead)
-    per = greedy_per(ctc_logp, it.ids)
     unit_ends = A.frame_ends_seconds(frames, hop_s, duration)
     phone_s = np.diff(np.concatenate([[0.0], unit_ends]))
     flags = []
@@ -329,10 +367,14 @@ def _write_one(it: Item, units, frames: np.ndarray, ctc_logp: torch.Tensor, hop_
         flags.append("long_phone")
     if per > opts.high_per:
         flags.append("high_per")
+    extra = {}
+    if "refine_conf" in d:
+        rc = d["refine_conf"][1 if lead else 0:][: len(it.ids)]
+        extra["refine_confidence"] = [round(float(c), 4) for c in rc]
     rec = alignment_record(it.rel, seq, durs, add_blank=opts.add_blank, sample_rate=it.sr,
                            hop_length=opts.hop_length, aligned_tokens=tokens,
                            aligned_ends_s=[round(float(e), 5) for e in unit_ends],
-                           confidence=[round(float(c), 4) for c in conf])
+                           confidence=[round(float(c), 4) for c in conf], **extra)
     append_alignment(align_file, rec)
     if opts.textgrid:
         from common.boundaries import Segment

@@ -101,12 +101,19 @@ def test_pt_layout_sums_to_matcha_mels(corpus_copy):
     check_generate_path(durs, mel_lens)
     rep = json.loads((corpus / "durations" / "export_report.json").read_text())
     assert rep["counts"] == {"success": len(lens), "failure": 0, "skipped_existing": 0, "total": len(lens)}
-    assert len(read_alignments(corpus / "durations" / "alignments.jsonl")) == len(lens)
+    al = read_alignments(corpus / "durations" / "alignments.jsonl")
+    assert len(al) == len(lens)
+    # boundary refinement ran (the default) and each token has its refiner confidence beside the CTC one
+    assert len(rep["refine"]["rounds"]) == 8 and rep["refine"]["train_utts"] == len(lens)
+    assert all(len(a["refine_confidence"]) == len(a["confidence"]) and 0 <= min(a["refine_confidence"])
+               and max(a["refine_confidence"]) <= 1 for a in al.values())
     assert len(list((corpus / "durations" / "plots").glob("*.png"))) == 1
     # a second run skips everything; --no_add_blank gives one count per token
     r = export(corpus, model)
     assert "0 written" in r.stdout and f"{len(lens)} skipped" in r.stdout
-    export(corpus, model, "--no_add_blank", "--overwrite")
+    export(corpus, model, "--no_add_blank", "--overwrite", "--no_refine")
+    rep = json.loads((corpus / "durations" / "export_report.json").read_text())
+    assert rep["refine"] is None and rep["counts"]["success"] == len(lens)
     for rel, text in rows(corpus)[:3]:
         d = torch.load(corpus / "durations" / f"{rel}.pt")
         assert len(d) == (len(matcha_ids(text)) - 1) // 2 and int(d.sum()) == lens[rel]
