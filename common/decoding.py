@@ -173,11 +173,15 @@ class AdjustedCTCHead(nn.Module):
 
 
 def build_attention_searcher(modules, hparams, vocab_size: int, beam_size: int = 8, ctc_weight: float = 0.4,
-                             temperature: float = 1.0, blank_penalty: float = 0.0, insertion_bonus: float = 0.0):
-    """``S2SRNNBeamSearcher`` over the model's emb/dec/seq_lin, joint with ``CTCScorer`` (weight ``ctc_weight``)
-    and ``LengthScorer`` (weight ``insertion_bonus``)."""
-    from speechbrain.decoders.scorer import CTCScorer, LengthScorer, ScorerBuilder
+                             temperature: float = 1.0, blank_penalty: float = 0.0, insertion_bonus: float = 0.0,
+                             lm=None, lm_weight: float = 0.0):
+    """``S2SRNNBeamSearcher`` over the model's emb/dec/seq_lin, joint with ``CTCScorer`` (weight ``ctc_weight``),
+    ``LengthScorer`` (weight ``insertion_bonus``) and a phone n-gram LM (``common.phone_lm``, weight
+    ``lm_weight``)."""
+    from speechbrain.decoders.scorer import CTCScorer, LengthScorer
     from speechbrain.decoders.seq2seq import S2SRNNBeamSearcher
+
+    from common.phone_lm import PhoneNgramScorer, PhoneScorerBuilder as ScorerBuilder
 
     scorers, weights = [], {}
     if ctc_weight > 0:
@@ -187,6 +191,9 @@ def build_attention_searcher(modules, hparams, vocab_size: int, beam_size: int =
     if insertion_bonus:
         scorers.append(LengthScorer(vocab_size=vocab_size))
         weights["length"] = float(insertion_bonus)
+    if lm is not None and lm_weight:
+        scorers.append(PhoneNgramScorer(lm))
+        weights["phonengram"] = float(lm_weight)
     scorer = ScorerBuilder(full_scorers=scorers, weights=weights) if scorers else None
     return S2SRNNBeamSearcher(
         embedding=modules["emb"], decoder=modules["dec"], linear=modules["seq_lin"], temperature=float(temperature),
@@ -215,6 +222,8 @@ class DecodeOptions:
     temperature: float = 1.0
     blank_penalty: float = 0.0
     insertion_bonus: float = 0.0
+    lm_weight: float = 0.0  # phone n-gram LM (attention decoder only); the LM itself: ``lm``
+    lm: object = None
 
     def check(self) -> "DecodeOptions":
         from common.io import UserError
@@ -227,6 +236,12 @@ class DecodeOptions:
             raise UserError(f"--beam_size must be >= 1, got {self.beam_size}")
         if not 0.0 <= self.ctc_weight <= 1.0:
             raise UserError(f"--ctc_weight must be in [0, 1], got {self.ctc_weight}")
+        if self.lm_weight < 0:
+            raise UserError(f"--lm_weight must be >= 0, got {self.lm_weight}")
+        if self.lm_weight and self.decoder != "attention":
+            raise UserError("--lm_weight needs --decoder attention (the phone LM is a scorer of its beam search)")
+        if self.lm_weight and self.lm is None:
+            raise UserError("--lm_weight > 0 but no phone LM was built")
         return self
 
     def describe(self) -> str:
@@ -235,6 +250,8 @@ class DecodeOptions:
             s += f" beam {self.beam_size}"
         if self.decoder == "attention":
             s += f" ctc_weight {self.ctc_weight:g}"
+            if self.lm_weight:
+                s += f" phone-LM (order {self.lm.order}) weight {self.lm_weight:g}"
         return s + (f", temperature {self.temperature:g}, blank_penalty {self.blank_penalty:g}, "
                     f"insertion_bonus {self.insertion_bonus:g}")
 
@@ -261,7 +278,8 @@ class PhonemeDecoder:
                 sb_log.setLevel(level)
         elif o.decoder == "attention":
             self.searcher = build_attention_searcher(modules, hparams, len(vocab), o.beam_size, o.ctc_weight,
-                                                     o.temperature, o.blank_penalty, o.insertion_bonus)
+                                                     o.temperature, o.blank_penalty, o.insertion_bonus, o.lm,
+                                                     o.lm_weight)
 
     @torch.no_grad()
     def decode_ids(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> list[list[int]]:

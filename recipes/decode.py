@@ -3,13 +3,16 @@
 
     python recipes/decode.py hparams/phoneme.yaml --test_csv MAN/test.csv [--model_dir OUT]
         [--decoder ctc_greedy|ctc_beam|attention] [--beam_size 8] [--ctc_weight 0.4]
-        [--temperature 1.0] [--blank_penalty 0.0] [--insertion_bonus 0.0]
+        [--temperature 1.0] [--blank_penalty 0.0] [--insertion_bonus 0.0] [--lm_weight 0.4 --lm_order 3]
         [--batch_size 8] [--device cpu] [--num_threads N] [--output decode.jsonl] [--key value ...]
     python recipes/decode.py hparams/phoneme.yaml --model_dir OUT --audio file.wav
 
 The model is the best checkpoint (lowest valid PER) of the training run's ``output_folder``: by default the one
 the hparams file names, with ``--key value`` overrides applied the SpeechBrain way (``--seed 7``,
 ``--output_folder X``); ``--model_dir`` names it directly. ``data_folder`` defaults to the test_csv's folder.
+
+The attention decoder adds a phone n-gram LM (``common/phone_lm.py``) fitted on the training manifest's phn
+column, weight ``--lm_weight`` (default: the run's ``beam_lm_weight``; 0 turns it off).
 
 Decoders and knobs: see ``common/decoding.py`` (``--beam_size`` / ``--ctc_weight`` default to the run's
 ``beam_size`` / ``beam_ctc_weight``). Writes ``decode.jsonl`` into the model folder (or ``--output``): one JSON
@@ -50,6 +53,11 @@ def parse_args(argv):
     p.add_argument("--temperature", type=float, default=1.0, help="divide logits by this before the softmax")
     p.add_argument("--blank_penalty", type=float, default=0.0, help="subtract from the CTC blank log-prob")
     p.add_argument("--insertion_bonus", type=float, default=0.0, help="add to the score per emitted token")
+    p.add_argument("--lm_weight", type=float, help="weight of a phone n-gram LM in --decoder attention (default: the "
+                   "run's beam_lm_weight); the LM is fitted on the training manifest's phn column")
+    p.add_argument("--lm_order", type=int, help="phone LM order 1-3 (default: the run's lm_order)")
+    p.add_argument("--lm_train_csv", type=Path, help="manifest to fit the phone LM on (default: the train.csv the "
+                   "model was trained on)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num_threads", type=int, default=0,
@@ -77,6 +85,22 @@ def resolve_model_dir(hparams_file: Path, extra: list[str], data_folder: Path) -
     except (ValueError, KeyError) as err:
         raise UserError(f"{hparams_file}: cannot resolve output_folder ({err}); pass --model_dir") from None
     return Path(str(out))
+
+
+def build_phone_lm(model_dir: Path, vocab, train_csv: Path | None, order: int):
+    """The phone n-gram LM, fitted on ``train_csv`` or on the train.csv of the model's own manifests."""
+    from common.export import trained_data_folder
+    from common.phone_lm import PhoneNgramLM
+
+    if order not in (1, 2, 3):
+        raise UserError(f"--lm_order must be 1, 2 or 3, got {order}")
+    if train_csv is None:
+        folder = trained_data_folder(model_dir)
+        train_csv = Path(folder) / "train.csv" if folder else None
+        if train_csv is None or not train_csv.is_file():
+            raise UserError(f"{model_dir}: cannot find the training manifest for the phone LM ({train_csv}); "
+                            f"pass --lm_train_csv")
+    return PhoneNgramLM.from_manifest(train_csv, vocab, order)
 
 
 def load_rows(csv_path: Path, vocab) -> list[dict]:
@@ -150,11 +174,24 @@ def main(argv=None) -> int:
     if not model_dir.is_dir():
         raise UserError(f"model folder {model_dir} not found; train first (recipes/train.py) or pass --model_dir")
     modules, hparams, vocab = M.load_for_inference(model_dir, a.device)
+    lm_weight = a.lm_weight if a.lm_weight is not None else float(hparams.get("beam_lm_weight", 0.0))
+    lm = None
+    if a.lm_order is not None and a.lm_order not in (1, 2, 3):
+        raise UserError(f"--lm_order must be 1, 2 or 3, got {a.lm_order}")
+    if lm_weight and a.decoder == "attention":
+        try:
+            lm = build_phone_lm(model_dir, vocab, a.lm_train_csv, a.lm_order or int(hparams.get("lm_order", 3)))
+        except UserError as err:
+            if a.lm_weight is not None or a.lm_train_csv is not None:
+                raise
+            print(f"note: decoding without the phone LM (beam_lm_weight {lm_weight:g}): {err}")
+            lm_weight = 0.0
     opts = DecodeOptions(
         decoder=a.decoder,
         beam_size=a.beam_size if a.beam_size is not None else int(hparams.get("beam_size", 8)),
         ctc_weight=a.ctc_weight if a.ctc_weight is not None else float(hparams.get("beam_ctc_weight", 0.4)),
         temperature=a.temperature, blank_penalty=a.blank_penalty, insertion_bonus=a.insertion_bonus,
+        lm_weight=lm_weight if (a.decoder == "attention" or a.lm_weight is not None) else 0.0, lm=lm,
     )
     decoder = PhonemeDecoder(modules, hparams, vocab, opts)
 
