@@ -14,6 +14,22 @@ import torch
 
 from common.io import UserError
 
+def length_buckets(lengths, budget: float, longest_first: bool = False) -> list[list[int]]:
+    """Indices sorted by length, cut into batches whose padded size (longest x count) stays within ``budget``
+    (an item longer than the budget is a batch of its own). ``longest_first``: the largest batch comes first."""
+    order = sorted(range(len(lengths)), key=(lambda i: -lengths[i]) if longest_first else (lambda i: lengths[i]))
+    out, cur, cur_max = [], [], 0
+    for i in order:
+        if cur and max(cur_max, lengths[i]) * (len(cur) + 1) > budget:
+            out.append(cur)
+            cur, cur_max = [], 0
+        cur.append(i)
+        cur_max = max(cur_max, lengths[i])
+    if cur:
+        out.append(cur)
+    return out
+
+
 # Formats whose header frame count is exact; others (mp3) are decoded to count samples.
 _EXACT_HEADER = {".wav", ".flac", ".ogg", ".aiff", ".aif"}
 

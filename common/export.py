@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from common import align as A
-from common.audio import AudioDataset, audio_info
+from common.audio import AudioDataset, audio_info, length_buckets
 from common.corpus import read_matcha, read_phones_tsv
 from common.durations import (append_alignment, alignment_record, boundaries_to_matcha, matcha_layout,
                               matcha_num_frames, npy_duration_paths, pt_duration_path, write_durations)
@@ -185,18 +185,7 @@ def _collate(batch):
 
 
 def batches_by_length(items: list[Item], seconds: float) -> list[list[int]]:
-    order = sorted(range(len(items)), key=lambda i: -items[i].num_samples / items[i].sr)
-    out, cur, cur_max = [], [], 0.0
-    for i in order:
-        d = items[i].num_samples / items[i].sr
-        if cur and max(cur_max, d) * (len(cur) + 1) > seconds:
-            out.append(cur)
-            cur, cur_max = [], 0.0
-        cur.append(i)
-        cur_max = max(cur_max, d)
-    if cur:
-        out.append(cur)
-    return out
+    return length_buckets([it.num_samples / it.sr for it in items], seconds, longest_first=True)
 
 
 def greedy_per(ctc_logp: torch.Tensor, ids: list[int]) -> float:

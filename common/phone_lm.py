@@ -15,10 +15,7 @@ import torch
 
 from common.vocab import BOS_ID, EOS_ID
 
-try:  # SpeechBrain's scorer interface (the beam searcher only calls score / permute_mem / reset_mem)
-    from speechbrain.decoders.scorer import BaseScorerInterface, ScorerBuilder
-except ImportError:  # pragma: no cover - speechbrain is a hard requirement of the project
-    BaseScorerInterface, ScorerBuilder = object, None
+from speechbrain.decoders.scorer import BaseScorerInterface, ScorerBuilder
 
 
 class PhoneNgramLM:

@@ -87,19 +87,21 @@ def resolve_model_dir(hparams_file: Path, extra: list[str], data_folder: Path) -
     return Path(str(out))
 
 
-def build_phone_lm(model_dir: Path, vocab, train_csv: Path | None, order: int):
-    """The phone n-gram LM, fitted on ``train_csv`` or on the train.csv of the model's own manifests."""
+def build_phone_lm(model_dir: Path, vocab, train_csv: Path | None, order: int, required: bool = True):
+    """The phone n-gram LM, fitted on ``train_csv`` or on the train.csv of the model's own manifests. When that
+    train.csv is gone and the LM was not asked for explicitly (``required`` False): a note, and None."""
     from common.export import trained_data_folder
     from common.phone_lm import PhoneNgramLM
 
-    if order not in (1, 2, 3):
-        raise UserError(f"--lm_order must be 1, 2 or 3, got {order}")
     if train_csv is None:
         folder = trained_data_folder(model_dir)
         train_csv = Path(folder) / "train.csv" if folder else None
         if train_csv is None or not train_csv.is_file():
-            raise UserError(f"{model_dir}: cannot find the training manifest for the phone LM ({train_csv}); "
-                            f"pass --lm_train_csv")
+            msg = f"{model_dir}: cannot find the training manifest for the phone LM ({train_csv})"
+            if required:
+                raise UserError(f"{msg}; pass --lm_train_csv")
+            print(f"note: decoding without the phone LM: {msg}")
+            return None
     return PhoneNgramLM.from_manifest(train_csv, vocab, order)
 
 
@@ -174,24 +176,23 @@ def main(argv=None) -> int:
     if not model_dir.is_dir():
         raise UserError(f"model folder {model_dir} not found; train first (recipes/train.py) or pass --model_dir")
     modules, hparams, vocab = M.load_for_inference(model_dir, a.device)
-    lm_weight = a.lm_weight if a.lm_weight is not None else float(hparams.get("beam_lm_weight", 0.0))
+    lm_order = a.lm_order if a.lm_order is not None else int(hparams.get("lm_order", 3))
+    if lm_order not in (1, 2, 3):
+        raise UserError(f"--lm_order must be 1, 2 or 3, got {lm_order}")
+    # the run's beam_lm_weight applies to the attention decoder; an explicit --lm_weight is checked by DecodeOptions
+    lm_weight = a.lm_weight if a.lm_weight is not None else (
+        float(hparams.get("beam_lm_weight", 0.0)) if a.decoder == "attention" else 0.0)
     lm = None
-    if a.lm_order is not None and a.lm_order not in (1, 2, 3):
-        raise UserError(f"--lm_order must be 1, 2 or 3, got {a.lm_order}")
     if lm_weight and a.decoder == "attention":
-        try:
-            lm = build_phone_lm(model_dir, vocab, a.lm_train_csv, a.lm_order or int(hparams.get("lm_order", 3)))
-        except UserError as err:
-            if a.lm_weight is not None or a.lm_train_csv is not None:
-                raise
-            print(f"note: decoding without the phone LM (beam_lm_weight {lm_weight:g}): {err}")
-            lm_weight = 0.0
+        lm = build_phone_lm(model_dir, vocab, a.lm_train_csv, lm_order,
+                            required=a.lm_weight is not None or a.lm_train_csv is not None)
+        lm_weight = lm_weight if lm is not None else 0.0
     opts = DecodeOptions(
         decoder=a.decoder,
         beam_size=a.beam_size if a.beam_size is not None else int(hparams.get("beam_size", 8)),
         ctc_weight=a.ctc_weight if a.ctc_weight is not None else float(hparams.get("beam_ctc_weight", 0.4)),
         temperature=a.temperature, blank_penalty=a.blank_penalty, insertion_bonus=a.insertion_bonus,
-        lm_weight=lm_weight if (a.decoder == "attention" or a.lm_weight is not None) else 0.0, lm=lm,
+        lm_weight=lm_weight, lm=lm,
     )
     decoder = PhonemeDecoder(modules, hparams, vocab, opts)
 
