@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from speechbrain.utils.checkpoints import CKPT_PREFIX, METAFNAME, Checkpointer
+from speechbrain.utils.distributed import ddp_barrier
 
 PENDING = "." + METAFNAME + ".pending"
 
@@ -33,6 +34,10 @@ class AtomicCheckpointer(Checkpointer):
         if self._pending is not None:  # main process: all parameter files are written, publish the checkpoint
             os.replace(self._pending, self._pending.with_name(METAFNAME))
             self._pending = None
+        # Under DDP the other processes leave super().save_checkpoint before the rename above; without this barrier
+        # one of them could list the checkpoints (delete_checkpoints does, on every process) before the new one
+        # appears, pick a different set to delete, and wait forever in a collective that rank 0 never joins.
+        ddp_barrier()
         return ckpt
 
     def remove_incomplete(self) -> list[Path]:

@@ -116,6 +116,15 @@ def _all_ranks(flag) -> bool:
     return bool(t.item())
 
 
+def _from_rank0(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every DDP process (plain ``flag`` without DDP)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return bool(flag)
+    box = [bool(flag)]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
 class DistributedBatchSamplerWrapper(DistributedSamplerWrapper):
     """SpeechBrain's wrapper (DDP share of the DynamicBatchSampler's batches) without its one-batch bug: with one
     batch per rank ``itemgetter(i)`` returns the batch itself, which the loader then iterates as single indices."""
@@ -299,7 +308,9 @@ class PhonemeBrain(sb.Brain):
                                                  num_to_keep=max(1, int(hp.average_last)))
             budget = float(hp.max_train_minutes) * 60
             spent = self.clock.elapsed()  # includes the runs before a resume
-            if budget > 0 and spent + spent / max(epoch, 1) > budget:  # the next epoch would overrun the budget
+            # the next epoch would overrun the budget; under DDP every process follows rank 0's clock (ranks that
+            # decided differently would wait for each other forever in the next epoch's collectives)
+            if _from_rank0(budget > 0 and spent + spent / max(epoch, 1) > budget):
                 logger.info(f"max_train_minutes={hp.max_train_minutes}: stopping after epoch {epoch} ({spent:.0f} s)")
                 hp.epoch_counter.limit = epoch
         else:

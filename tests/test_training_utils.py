@@ -91,3 +91,40 @@ def test_interrupted_save_is_invisible_and_cleaned(tmp_path):
     assert ck.recover_if_possible().path == good.path
     removed = ck.remove_incomplete()
     assert len(removed) == 1 and not removed[0].exists() and good.path.exists()
+
+
+def _ddp_checkpoint_worker(rank: int, rendezvous: str, save_dir: str) -> None:
+    """One of two gloo processes saving checkpoints the way the recipe does (save_and_keep_only each epoch)."""
+    import datetime
+    import os
+
+    from common.checkpoint import AtomicCheckpointer
+
+    os.environ["RANK"] = str(rank)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2,
+                                         timeout=datetime.timedelta(seconds=30))
+    if rank == 0:  # a slow file system: rank 0 publishes each checkpoint late
+        real_replace = os.replace
+
+        def slow_replace(src, dst):
+            time.sleep(0.5)
+            real_replace(src, dst)
+
+        os.replace = slow_replace
+    ck = AtomicCheckpointer(save_dir, recoverables={"model": torch.nn.Linear(2, 2)})
+    for epoch in range(3):
+        ck.save_and_keep_only(meta={"PER": 10.0 - epoch, "epoch": epoch}, min_keys=["PER"], num_to_keep=1)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_checkpoint_rotation_does_not_deadlock(tmp_path):
+    # Before the fix, rank 1 could list the checkpoints before rank 0 had published the new one, choose a different
+    # set to delete, and wait in a barrier while rank 0 waited in a broadcast (the DDP test hung once in 5 runs).
+    import torch.multiprocessing as mp
+
+    from common.checkpoint import AtomicCheckpointer
+
+    mp.spawn(_ddp_checkpoint_worker, args=(str(tmp_path / "rdv"), str(tmp_path / "save")), nprocs=2, join=True)
+    ckpts = AtomicCheckpointer(tmp_path / "save").list_checkpoints()
+    assert [c.meta["epoch"] for c in ckpts] == [2]  # rotated down to the best (and latest) one
