@@ -44,6 +44,10 @@ def parse_args(argv=None) -> Options:
     p.add_argument("--refine_rounds", type=int, default=8, help="refinement rounds (re-train + re-align)")
     p.add_argument("--refine_minutes", type=float, default=0.0,
                    help="wall-clock cap on the refiner's training (0 = none; it trains on <= 2 h of audio)")
+    p.add_argument("--hmm_weight", type=float, default=2 / 3,
+                   help="weight of the two HMM-GMM alignments (common/hmm.py: one started from the frame "
+                        "classifier's, one from a flat start; w/2 each) in the refined boundaries; the classifier's "
+                        "get 1 - w (default 2/3: the plain mean of the three; 0 = no HMM-GMM pass)")
     p.add_argument("--textgrid", action="store_true", help="also write DIR/textgrids/{rel_path}.TextGrid")
     p.add_argument("--plots", type=int, default=0, metavar="N", help="PNG plots of N utterances (DIR/durations/plots)")
     p.add_argument("--overwrite", action="store_true", help="recompute existing duration files")
@@ -64,6 +68,8 @@ def parse_args(argv=None) -> Options:
         p.error("--ctc_weight must be in [0, 1]")
     if a.refine_rounds < 1:
         p.error("--refine_rounds must be >= 1")
+    if not 0.0 <= a.hmm_weight <= 1.0:
+        p.error("--hmm_weight must be in [0, 1]")
     if a.batch_seconds <= 0:
         p.error("--batch_seconds must be > 0")
     kw = {k: v for k, v in vars(a).items() if k != "no_progress"}

@@ -6,8 +6,11 @@
 1. synthesize a festival corpus (its own seed, and the second half of our sentence list: the tests use the first)
 2. manifests with ``--phones_tsv`` (festival phones; test split = sentences never seen in training), train
 3. export durations for every row (+ TextGrids): the first pass alone with each score kind (ctc / attention /
-   joint) and with / without CTC anchoring, then the default (joint + boundary refinement, common/refine.py);
-   evaluate against festival's phone times: all rows, and held-out sentences only
+   joint) and with / without CTC anchoring, the neural refinement alone (common/refine.py, ``--hmm_weight 0``),
+   then the default (joint + neural refinement + HMM-GMM pass, common/hmm.py); evaluate against festival's phone
+   times: all rows, and held-out sentences only
+   + the competitor: a monophone HMM-GMM aligner (MFA's first stage) trained on the same corpus from a flat start
+   (benchmarks/hmm_gmm.py)
 4. corpus cleaning: export with K transcripts swapped between utterances and check that the flagged utterances
    (export_report.json) are the ones with large boundary errors
 5. the espeak-IPA path (G2P instead of --phones_tsv): train, export, evaluate (paired by edit distance)
@@ -27,7 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.boundaries import evaluate, hyp_segments  # noqa: E402
+from benchmarks.hmm_gmm import align_flat_start  # noqa: E402
+from common.boundaries import Segment, collapse_spans, evaluate, hyp_segments  # noqa: E402
 from common.textgrid import read_textgrid  # noqa: E402
 from common.corpus import read_phones_tsv  # noqa: E402
 from common.durations import read_alignments  # noqa: E402
@@ -42,7 +46,7 @@ def score(ref: dict, corpus: Path, ids=None, textgrids: bool = False) -> dict:
     al = read_alignments(corpus / "durations" / "alignments.jsonl")
     ids = sorted(set(ids or al) & set(al))
     if textgrids:
-        hyps = {r: read_textgrid(corpus / "textgrids" / f"{r}.TextGrid") for r in ids}
+        hyps = {r: collapse_spans(read_textgrid(corpus / "textgrids" / f"{r}.TextGrid")) for r in ids}  # as evaluate.py
     else:
         hyps = {r: hyp_segments(al[r]["tokens"], al[r]["durations"], al[r]["sample_rate"], al[r]["hop_length"])
                 for r in ids}
@@ -105,11 +109,27 @@ def main() -> int:
                         ("ctc, no anchoring", ["--scores", "ctc", "--no_anchor", *first_pass]),
                         ("attention", ["--scores", "attention", *first_pass]),
                         ("joint", ["--scores", "joint", *first_pass]),
+                        ("joint + neural refinement only", ["--hmm_weight", 0]),
                         ("joint + refinement (default)", [])):
         timing[f"export {kind}"] = round(export(corpus, model, *extra), 1)
         results[f"{kind}: durations, all rows"] = score(ref, corpus)
         results[f"{kind}: durations, held-out sentences"] = score(ref, corpus, held_out)
         results[f"{kind}: TextGrids, all rows"] = score(ref, corpus, textgrids=True)
+
+    # the competitor: HMM-GMM (monophone, flat start) on the same audio and phone transcripts
+    rels = sorted(ref)
+    t = time.time()
+    hmm_ends, _ = align_flat_start([corpus / "wavs" / f"{r}.wav" for r in rels], [ref[r][0] for r in rels], log=None)
+    timing["HMM-GMM flat start"] = round(time.time() - t, 1)
+    hyps = {}
+    for r, e in zip(rels, hmm_ends):
+        if e is not None:
+            starts = [0.0, *e[:-1]]
+            hyps[r] = collapse_spans([Segment(float(a), float(b), p) for a, b, p in zip(starts, e, ref[r][0])])
+    for name, ids in (("all rows", rels), ("held-out sentences", held_out)):
+        rep, _ = evaluate({r: ref[r] for r in ids if r in hyps}, {r: hyps[r] for r in ids if r in hyps})
+        results[f"HMM-GMM monophone, flat start (MFA-like competitor): {name}"] = {
+            **rep["overall"], "speech_silence_mean_ms": rep["by_edge"].get("speech-silence", {}).get("mean_ms")}
 
     # corpus cleaning: swap K phone transcripts, export, see what is flagged
     rng = random.Random(a.seed)
@@ -161,7 +181,8 @@ def main() -> int:
         if "mean_ms" in v:
             print(f"{k:<58}{v['n']:>6}{v['mean_ms']:>8.2f}{v['median_ms']:>8.2f}{v['within_10ms']:>7.1f}"
                   f"{v['within_20ms']:>7.1f}{v['within_25ms']:>7.1f}{v['within_50ms']:>7.1f}"
-                  f"{(v['speech_silence_mean_ms'] or 0):>8.1f}")
+                  + (f"{v['speech_silence_mean_ms']:>8.1f}" if v.get("speech_silence_mean_ms") is not None else
+                     f"{'-':>8}"))
         else:
             print(f"{k:<58}{json.dumps(v)}")
     print("targets: mean <= 6 ms, >= 97 % within 20 ms (festival phones), PER <= 3 %")

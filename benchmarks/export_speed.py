@@ -6,8 +6,9 @@
 Runs ``common.export.export_corpus`` (audio load, features, model, CTC anchoring, MAS, Matcha frames, writing)
 on the corpus, in-process after one warm-up (model load and numba compilation are reported apart), and prints
 real-time factors for the configurations that matter: CTC scores (no attention decoder), joint scores (the
-decoder runs too), batch sizes (all first pass only, ``--no_refine``), and the default (joint + boundary
-refinement, which trains a frame classifier on the corpus: the accuracy mode). The baseline in the same run is the per-utterance loop (``--batch_seconds`` of one
+decoder runs too), batch sizes (all first pass only, ``--no_refine``), the neural refinement alone
+(``--hmm_weight 0``: it trains a frame classifier on the corpus) and the default (the refinement plus the two
+HMM-GMM passes: the accuracy mode). The baseline in the same run is the per-utterance loop (``--batch_seconds`` of one
 utterance), so the ratio shows what batching buys on this machine.
 """
 from __future__ import annotations
@@ -50,7 +51,8 @@ def main() -> int:
                ("batched 200 s, ctc", dict(batch_seconds=200.0, scores="ctc", **first)),
                ("batched 600 s, ctc", dict(batch_seconds=600.0, scores="ctc", **first)),
                ("batched 200 s, joint (--no_refine)", dict(batch_seconds=200.0, scores="joint", **first)),
-               ("joint + refinement (default)", dict(batch_seconds=200.0, scores="joint"))]
+               ("joint + neural refinement only", dict(batch_seconds=200.0, scores="joint", hmm_weight=0.0)),
+               ("joint + refinement + HMM-GMMs (default)", dict(batch_seconds=200.0, scores="joint"))]
     base = None
     print(f"{'configuration':<44}{'audio s':>9}{'wall s':>9}{'x realtime':>12}{'vs baseline':>13}")
     for name, kw in configs:

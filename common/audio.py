@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,21 @@ def length_buckets(lengths, budget: float, longest_first: bool = False) -> list[
     if cur:
         out.append(cur)
     return out
+
+
+def sample_hours(candidates: list[int], durations, hours: float, seed: int) -> tuple[list[int], float]:
+    """A seeded random sample of ``candidates`` (indices into ``durations``, seconds) holding at most about
+    ``hours`` of audio (it stops once reached); returns (the indices in their original order, seconds taken)."""
+    order = list(candidates)
+    random.Random(seed).shuffle(order)
+    take, acc = [], 0.0
+    for i in order:
+        if acc >= hours * 3600:
+            break
+        take.append(i)
+        acc += float(durations[i])
+    keep = set(take)
+    return [i for i in candidates if i in keep], acc
 
 
 # Formats whose header frame count is exact; others (mp3) are decoded to count samples.

@@ -3,12 +3,15 @@
 Per row of ``corpus/metadata.csv``: our own features from the audio (``mels/`` is only read for its length), the
 token sequence from the G2P/symbols the model was trained with, model scores, MAS (the first pass); then, unless
 ``refine`` is off, boundary refinement over the whole corpus (``common/refine.py``: a frame classifier re-trained
-on the corpus' own alignments, then re-aligned at 5 ms); Matcha frames. Everything that
+on the corpus' own alignments, then re-aligned at 5 ms; then ``common/hmm.py``: two HMM-GMMs trained by Viterbi
+training, one started from that alignment and one from a flat start; each boundary is the weighted mean of the
+three, ``hmm_weight`` for the two HMMs together); Matcha frames. Everything that
 can be checked is checked before anything is written; every file is written atomically; existing outputs are
 skipped unless ``overwrite`` (so a killed run resumes).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -61,6 +64,7 @@ class Options:
     refine: bool = True  # boundary refinement (common/refine.py) after the first pass
     refine_rounds: int = 8
     refine_minutes: float = 0.0  # >0: wall-clock cap on the refiner's training
+    hmm_weight: float = 2 / 3  # refined boundary: (1 - w) x the frame classifier's + w/2 x each HMM-GMM's (0: none)
 
 
 @dataclass
@@ -309,18 +313,47 @@ def export_corpus(opts: Options) -> dict:
 
 
 def _refine(passed: list[dict], vocab, device: str, opts: Options) -> dict:
-    """Replace every first-pass alignment by the refined one (frames at the refiner's 5 ms hop); returns stats."""
+    """Replace every first-pass alignment by the refined one (unit frames on a 1 ms grid when the HMM-GMM pass
+    runs, else at the refiner's 5 ms hop); returns stats."""
     from common.audio import load_audio
+    from common.hmm import FLAT_START_SCHEDULE, MFCC, HMMConfig, ends_to_counts, hmm_realign
     from common.refine import RefineConfig, refine, unit_label_ids
 
     cfg = RefineConfig(rounds=opts.refine_rounds, max_minutes=opts.refine_minutes)
+    hcfg = HMMConfig(sample_rate=cfg.sample_rate)
+    mfcc = MFCC(hcfg.sample_rate, hcfg.hop_ms, hcfg.delta_ms) if opts.hmm_weight > 0 else None
+    mfccs: list = [None] * len(passed)
+
+    def load(i: int) -> torch.Tensor:  # the audio is read once for both passes
+        w = load_audio(passed[i]["it"].wav, cfg.sample_rate)[0]
+        if mfcc is not None:
+            mfccs[i] = mfcc(w)
+        return w
+
     unit_ids = [unit_label_ids(d["it"].ids, d["units"][1], d["units"][2], BLANK_ID) for d in passed]
-    first_ends = [A.frame_ends_seconds(d["frames"], d["hop_s"], d["it"].num_samples / d["it"].sr) for d in passed]
+    durations = [d["it"].num_samples / d["it"].sr for d in passed]
+    first_ends = [A.frame_ends_seconds(d["frames"], d["hop_s"], t) for d, t in zip(passed, durations)]
     log = (lambda m: print(m, flush=True)) if opts.progress else None
-    counts, confs, stats = refine(lambda i: load_audio(passed[i]["it"].wav, cfg.sample_rate)[0], len(passed),
-                                  unit_ids, first_ends, len(vocab), cfg, device, log)
-    for d, c, rc in zip(passed, counts, confs):
-        d.update(frames=c, hop_s=cfg.hop_ms / 1000.0, refine_conf=rc)
+    counts, confs, stats = refine(load, len(passed), unit_ids, first_ends, len(vocab), cfg, device, log)
+    if mfcc is None:
+        for d, c, rc in zip(passed, counts, confs):
+            d.update(frames=c, hop_s=cfg.hop_ms / 1000.0, refine_conf=rc)
+        return stats
+    ends = [A.frame_ends_seconds(c, cfg.hop_ms / 1000.0, t) for c, t in zip(counts, durations)]
+    # two HMM-GMMs: one started from the classifier's alignment, one from a flat start (it shares none of the
+    # classifier's errors); the refined boundary is the weighted mean of the three
+    stats["hmm"] = {}
+    members = [(1.0 - opts.hmm_weight, ends)]
+    for name, init, sched in (("from_refined", ends, hcfg.schedule), ("flat_start", None, FLAT_START_SCHEDULE)):
+        h, stats["hmm"][name] = hmm_realign(mfccs, durations, unit_ids, init, len(vocab),
+                                            dataclasses.replace(hcfg, schedule=sched), log)
+        members.append((opts.hmm_weight / 2.0, h))
+    grid = 0.001
+    for i, (d, rc, t) in enumerate(zip(passed, confs, durations)):
+        have = [(w, m[i]) for w, m in members if m[i] is not None]  # an HMM skips rows too fast for 3 states/unit
+        total = sum(w for w, _ in have)
+        e = sum(w * m for w, m in have) / total if total > 0 else ends[i]
+        d.update(frames=ends_to_counts(e, int(round(t / grid)), grid), hop_s=grid, refine_conf=rc)
     return stats
 
 

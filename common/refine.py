@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from common import align as A
-from common.audio import length_buckets
+from common.audio import length_buckets, sample_hours
 
 IGNORE = -100
 
@@ -233,15 +233,7 @@ def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[
         w = load_wav(i)
         feats.append(fx(w).half())
         durations.append(len(w) / cfg.sample_rate)
-    # training subset: a seeded sample of at most max_train_hours of audio
-    order = list(range(n_utts))
-    random.Random(cfg.seed).shuffle(order)
-    train_idx, acc = [], 0.0
-    for i in order:
-        if acc >= cfg.max_train_hours * 3600:
-            break
-        train_idx.append(i)
-        acc += durations[i]
+    train_idx, acc = sample_hours(list(range(n_utts)), durations, cfg.max_train_hours, cfg.seed)
     model = FrameClassifier(n_tokens, feats[0].shape[1], cfg.channels, tuple(cfg.dilations), cfg.kernel).to(device)
     ends = [np.asarray(e, dtype=np.float64) for e in first_ends_s]
     stats = {"rounds": [], "train_utts": len(train_idx), "train_audio_s": round(acc, 1),

@@ -107,10 +107,20 @@ def test_pt_layout_sums_to_matcha_mels(corpus_copy):
     assert len(rep["refine"]["rounds"]) == 8 and rep["refine"]["train_utts"] == len(lens)
     assert all(len(a["refine_confidence"]) == len(a["confidence"]) and 0 <= min(a["refine_confidence"])
                and max(a["refine_confidence"]) <= 1 for a in al.values())
+    # ... then the two HMM-GMM passes (common/hmm.py); the averaged boundaries lie on a 1 ms grid
+    hmm = rep["refine"]["hmm"]
+    assert len(hmm["from_refined"]["passes"]) == 5 and len(hmm["flat_start"]["passes"]) == 12
+    assert all(h["skipped_too_fast"] == 0 and h["frames"] > 0 for h in hmm.values())
+    assert not _on_grid(al, 0.005) and _on_grid(al, 0.001)
     assert len(list((corpus / "durations" / "plots").glob("*.png"))) == 1
     # a second run skips everything; --no_add_blank gives one count per token
     r = export(corpus, model)
     assert "0 written" in r.stdout and f"{len(lens)} skipped" in r.stdout
+    export(corpus, model, "--overwrite", "--hmm_weight", "0")  # the neural refinement alone: its 5 ms frames
+    rep = json.loads((corpus / "durations" / "export_report.json").read_text())
+    assert "hmm" not in rep["refine"] and _on_grid(read_alignments(corpus / "durations" / "alignments.jsonl"), 0.005)
+    r = export(corpus, model, "--overwrite", "--hmm_weight", "1.5", check=False)
+    assert r.returncode != 0 and "--hmm_weight must be in [0, 1]" in r.stderr
     export(corpus, model, "--no_add_blank", "--overwrite", "--no_refine")
     rep = json.loads((corpus / "durations" / "export_report.json").read_text())
     assert rep["refine"] is None and rep["counts"]["success"] == len(lens)
@@ -204,3 +214,10 @@ def test_resume_after_kill_leaves_no_partial_files(corpus_copy):
     assert not list(out.rglob(".*.tmp"))
     assert set(read_alignments(out / "alignments.jsonl")) == {rel for rel, _ in rows(corpus)}
     assert "written" in r.stdout
+
+
+def _on_grid(alignments: dict, hop_s: float) -> bool:
+    """Every inner unit end is (k - 0.5) * hop_s (a boundary between two frames centred on that grid)."""
+    ends = np.concatenate([np.asarray(a["aligned_ends_s"][:-1]) for a in alignments.values()])
+    k = ends / hop_s + 0.5
+    return bool(np.all(np.abs(k - np.round(k)) < 0.02))  # the file rounds to 10 us

@@ -5,9 +5,8 @@ import numpy as np
 import torch
 
 from common.refine import IGNORE, RefineConfig, frame_labels, refine, unit_label_ids
+from tests.utils import TONE_FREQS as FREQS, TONE_SR as SR, mean_inner_error_ms, tone_corpus
 
-SR = 16000
-FREQS = [300.0, 700.0, 1300.0, 2100.0, 3300.0]  # one "phone" = one tone (class id = index + 1; 0 = silence)
 
 
 def test_frame_labels_centre_convention():
@@ -35,34 +34,8 @@ def test_unit_label_ids_edge_slots():
     assert unit_label_ids([5, 6], False, True, 0) == [5, 6, 0]
 
 
-def _tone_corpus(n: int, seed: int):
-    """Utterances of 4-7 tone segments (60-200 ms) with silence at both edges: (wavs, unit ids, true ends)."""
-    rng = np.random.default_rng(seed)
-    wavs, units, ends = [], [], []
-    for _ in range(n):
-        k = int(rng.integers(4, 8))
-        seq = [0] + [int(c) + 1 for c in rng.integers(0, len(FREQS), k)] + [0]
-        for j in range(2, len(seq) - 1):  # no two equal tones in a row: their boundary would be inaudible
-            while seq[j] == seq[j - 1]:
-                seq[j] = int(rng.integers(0, len(FREQS))) + 1
-        durs = [float(rng.uniform(0.06, 0.2)) for _ in seq]
-        parts = []
-        for c, d in zip(seq, durs):
-            t = np.arange(int(d * SR)) / SR
-            parts.append(np.zeros_like(t) if c == 0 else 0.3 * np.sin(2 * np.pi * FREQS[c - 1] * t))
-        w = np.concatenate(parts) + 0.003 * rng.standard_normal(sum(len(p) for p in parts))
-        wavs.append(torch.from_numpy(w.astype(np.float32)))
-        units.append(seq)
-        ends.append(np.cumsum([len(p) for p in parts]) / SR)
-    return wavs, units, ends
-
-
-def _mean_inner_error_ms(ends_a, ends_b) -> float:
-    return 1000 * float(np.mean(np.concatenate([np.abs(a[:-1] - b[:-1]) for a, b in zip(ends_a, ends_b)])))
-
-
 def test_refine_moves_biased_boundaries_to_the_sound():
-    wavs, units, true_ends = _tone_corpus(40, seed=3)
+    wavs, units, true_ends = tone_corpus(40, seed=3)
     # a first pass that is 30 ms late at every boundary (and noisy), as a biased recognizer gives
     rng = np.random.default_rng(0)
     first = []
@@ -71,7 +44,7 @@ def test_refine_moves_biased_boundaries_to_the_sound():
         f[:-1] = np.maximum.accumulate(f[:-1] + 0.030 + rng.uniform(-0.01, 0.01, len(f) - 1))
         f[:-1] = np.minimum(f[:-1], f[-1] - 0.01)
         first.append(f)
-    before = _mean_inner_error_ms(first, true_ends)
+    before = mean_inner_error_ms(first, true_ends)
     cfg = RefineConfig(rounds=4, epochs=4, epochs_later=3, channels=64, sample_rate=SR)
     counts, confs, stats = refine(lambda i: wavs[i], len(wavs), units, first, len(FREQS) + 1, cfg)
     hop = cfg.hop_ms / 1000
@@ -79,14 +52,14 @@ def test_refine_moves_biased_boundaries_to_the_sound():
     for c, w, u in zip(counts, wavs, units):
         assert len(c) == len(u) and all(c >= 1) and c.sum() == 1 + len(w) // int(SR * hop)
         after_ends.append(np.minimum((np.cumsum(c) - 0.5) * hop, len(w) / SR))
-    after = _mean_inner_error_ms(after_ends, true_ends)
+    after = mean_inner_error_ms(after_ends, true_ends)
     assert before > 25 and after < 12, (before, after, stats)  # measured 7.7 ms; a wide classifier without margin: 30
     assert len(stats["rounds"]) == 4 and stats["rounds"][0]["mean_boundary_move_ms"] > 15
     assert all(len(cf) == len(u) and np.all((cf >= 0) & (cf <= 1)) for cf, u in zip(confs, units))
 
 
 def test_refine_stops_at_the_time_cap():
-    wavs, units, true_ends = _tone_corpus(6, seed=4)
+    wavs, units, true_ends = tone_corpus(6, seed=4)
     cfg = RefineConfig(rounds=50, epochs=1, epochs_later=1, channels=16, max_minutes=1e-9, sample_rate=SR)
     counts, _, stats = refine(lambda i: wavs[i], len(wavs), units, true_ends, len(FREQS) + 1, cfg)
     assert len(stats["rounds"]) == 1 and len(counts) == len(wavs)  # one round, still a full re-alignment

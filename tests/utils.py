@@ -11,6 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Small and fast: trains in well under a minute on one CPU thread.
@@ -88,3 +91,34 @@ def train_aligner(data: Path, out: Path, timeout: float = 1200) -> Path:
     run([sys.executable, ROOT / "recipes/train.py", ROOT / "hparams/phoneme.yaml", "--data_folder", data,
          "--output_folder", out, "--noprogressbar", *args], timeout=timeout)
     return Path(out)
+
+
+# ---------------------------------------------------------------- synthetic "phones" for the alignment passes
+TONE_SR = 16000
+TONE_FREQS = [300.0, 700.0, 1300.0, 2100.0, 3300.0]  # one "phone" = one tone (class id = index + 1; 0 = silence)
+
+
+def tone_corpus(n: int, seed: int):
+    """Utterances of 4-7 tone segments (60-200 ms) with silence at both edges: (wavs, unit ids, true ends)."""
+    rng = np.random.default_rng(seed)
+    wavs, units, ends = [], [], []
+    for _ in range(n):
+        k = int(rng.integers(4, 8))
+        seq = [0] + [int(c) + 1 for c in rng.integers(0, len(TONE_FREQS), k)] + [0]
+        for j in range(2, len(seq) - 1):  # no two equal tones in a row: their boundary would be inaudible
+            while seq[j] == seq[j - 1]:
+                seq[j] = int(rng.integers(0, len(TONE_FREQS))) + 1
+        durs = [float(rng.uniform(0.06, 0.2)) for _ in seq]
+        parts = []
+        for c, d in zip(seq, durs):
+            t = np.arange(int(d * TONE_SR)) / TONE_SR
+            parts.append(np.zeros_like(t) if c == 0 else 0.3 * np.sin(2 * np.pi * TONE_FREQS[c - 1] * t))
+        w = np.concatenate(parts) + 0.003 * rng.standard_normal(sum(len(p) for p in parts))
+        wavs.append(torch.from_numpy(w.astype(np.float32)))
+        units.append(seq)
+        ends.append(np.cumsum([len(p) for p in parts]) / TONE_SR)
+    return wavs, units, ends
+
+
+def mean_inner_error_ms(ends_a, ends_b) -> float:
+    return 1000 * float(np.mean(np.concatenate([np.abs(a[:-1] - b[:-1]) for a, b in zip(ends_a, ends_b)])))

@@ -1,0 +1,87 @@
+"""HMM-GMM Viterbi training (common/hmm.py): frame bookkeeping, GMM fitting, and alignment of tone "phones"."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from common.align import frame_ends_seconds
+from common.hmm import (FLAT_START_SCHEDULE, HMMConfig, StateGMMs, ends_to_counts, features, hmm_realign,
+                        split_counts)
+from tests.utils import TONE_FREQS, TONE_SR, mean_inner_error_ms, tone_corpus
+
+
+def test_ends_to_counts_round_trips_within_half_a_frame():
+    rng = np.random.default_rng(0)
+    ends = np.sort(rng.uniform(0.0, 2.0, 30))
+    ends[-1] = 2.0
+    hop, n = 0.01, 201
+    c = ends_to_counts(ends, n, hop)
+    assert c.sum() == n and np.all(c >= 0)
+    back = frame_ends_seconds(c, hop, 2.0)
+    assert np.max(np.abs(back[:-1] - ends[:-1])) <= hop / 2 + 1e-9
+
+
+def test_split_counts_spreads_each_unit_over_its_states():
+    assert split_counts([3, 7, 2], 3).tolist() == [1, 1, 1, 2, 3, 2, 1, 0, 1]
+    assert split_counts([5, 1], 1).tolist() == [5, 1]
+
+
+def test_gmm_reestimate_finds_two_clusters_and_keeps_unseen_states():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 2, generator=g) * 0.1 + torch.tensor([2.0, 0.0])
+    b = torch.randn(400, 2, generator=g) * 0.1 + torch.tensor([-2.0, -1.0])  # apart along the split direction
+    x = torch.cat([a, b])
+    m = StateGMMs(2, 2)
+    labels = np.zeros(len(x), dtype=np.int64)  # state 1 has no frames
+    m.reestimate(x, labels, 1, 3)
+    m.reestimate(x, labels, 2, 10)
+    means = sorted(m.mu[0].tolist())
+    assert np.allclose(means, [[-2.0, -1.0], [2.0, 0.0]], atol=0.05), means
+    assert torch.allclose(m.logw[0].exp().sum(), torch.tensor(1.0), atol=1e-4)
+    assert torch.equal(m.mu[1, 0], torch.zeros(2)) and m.logw[1, 1] < -1e3  # unseen: its old single Gaussian
+    ll = m.loglik(x[:3], torch.tensor([0, 1]))
+    assert ll.shape == (2, 3) and torch.isfinite(ll).all() and (ll[0] > ll[1]).all()
+
+
+def test_hmm_sharpens_noisy_boundaries_and_aligns_from_a_flat_start():
+    wavs, units, true_ends = tone_corpus(30, seed=5)
+    cfg = HMMConfig(sample_rate=TONE_SR)
+    feats, durs = features(lambda i: wavs[i], len(wavs), cfg)
+    assert feats[0].shape == (1 + len(wavs[0]) // 160, 39) and abs(durs[0] - len(wavs[0]) / TONE_SR) < 1e-9
+    # a start that is right on average but +-30 ms off at each boundary (in export: the neural refiner's alignment)
+    rng = np.random.default_rng(1)
+    start = []
+    for e in true_ends:
+        f = e.copy()
+        f[:-1] += rng.uniform(-0.03, 0.03, len(f) - 1)
+        start.append(f)
+    before = mean_inner_error_ms(start, true_ends)
+    ends, stats = hmm_realign(feats, durs, units, start, len(TONE_FREQS) + 1, cfg)
+    after = mean_inner_error_ms(ends, true_ends)
+    assert before > 12 and after < 9, (before, after)  # measured 15.4 -> 6.8 ms
+    assert len(stats["passes"]) == len(cfg.schedule) and stats["skipped_too_fast"] == 0
+    assert all(len(e) == len(u) and abs(e[-1] - d) < 1e-9 and np.all(np.diff(e) > 0)
+               for e, u, d in zip(ends, units, durs))
+    # from a flat start (equal frames per state): no information about the boundaries at all
+    flat = [np.linspace(0, d, len(u) + 1)[1:] for d, u in zip(durs, units)]
+    ends, _ = hmm_realign(feats, durs, units, None, len(TONE_FREQS) + 1,
+                          HMMConfig(sample_rate=TONE_SR, schedule=FLAT_START_SCHEDULE))
+    assert mean_inner_error_ms(flat, true_ends) > 25 and mean_inner_error_ms(ends, true_ends) < 12  # measured 8.3
+
+
+def test_utterance_too_fast_for_three_states_keeps_its_start():
+    wavs, units, true_ends = tone_corpus(6, seed=6)
+    cfg = HMMConfig(sample_rate=TONE_SR, schedule=(1, 1))
+    feats, durs = features(lambda i: wavs[i], len(wavs), cfg)
+    units[0] = units[0] * 20  # far more units than 10 ms frames / 3
+    ends, stats = hmm_realign(feats, durs, units, None, len(TONE_FREQS) + 1, cfg)
+    assert ends[0] is None and all(e is not None for e in ends[1:]) and stats["skipped_too_fast"] == 1
+
+
+def test_training_on_a_sample_still_aligns_every_row():
+    wavs, units, true_ends = tone_corpus(12, seed=7)
+    cfg = HMMConfig(sample_rate=TONE_SR, schedule=FLAT_START_SCHEDULE, max_train_hours=3.0 / 3600)  # ~3 s of audio
+    feats, durs = features(lambda i: wavs[i], len(wavs), cfg)
+    ends, stats = hmm_realign(feats, durs, units, None, len(TONE_FREQS) + 1, cfg)
+    assert 1 <= stats["train_utts"] < len(wavs) and all(e is not None and len(e) == len(u) for e, u in zip(ends, units))
+    assert mean_inner_error_ms(ends, true_ends) < 15  # rows never trained on are aligned by the final model
