@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.hmm_gmm import align_flat_start  # noqa: E402
-from common.boundaries import Segment, collapse_spans, evaluate, hyp_segments  # noqa: E402
+from common.boundaries import collapse_spans, evaluate, hyp_segments, spans_from_ends  # noqa: E402
 from common.textgrid import read_textgrid  # noqa: E402
 from common.corpus import read_phones_tsv  # noqa: E402
 from common.durations import read_alignments  # noqa: E402
@@ -121,11 +121,7 @@ def main() -> int:
     t = time.time()
     hmm_ends, _ = align_flat_start([corpus / "wavs" / f"{r}.wav" for r in rels], [ref[r][0] for r in rels], log=None)
     timing["HMM-GMM flat start"] = round(time.time() - t, 1)
-    hyps = {}
-    for r, e in zip(rels, hmm_ends):
-        if e is not None:
-            starts = [0.0, *e[:-1]]
-            hyps[r] = collapse_spans([Segment(float(a), float(b), p) for a, b, p in zip(starts, e, ref[r][0])])
+    hyps = {r: collapse_spans(spans_from_ends(ref[r][0], e)) for r, e in zip(rels, hmm_ends) if e is not None}
     for name, ids in (("all rows", rels), ("held-out sentences", held_out)):
         rep, _ = evaluate({r: ref[r] for r in ids if r in hyps}, {r: hyps[r] for r in ids if r in hyps})
         results[f"HMM-GMM monophone, flat start (MFA-like competitor): {name}"] = {

@@ -120,6 +120,15 @@ def frame_ends_seconds(frames: np.ndarray, hop_s: float, duration_s: float) -> n
     return np.maximum.accumulate(ends)
 
 
+def ends_to_counts(ends_s, n_frames: int, hop_s: float) -> np.ndarray:
+    """Unit end times (s) -> frames per unit under the centred-frame convention (frame t centred at t * hop): the
+    inverse of ``frame_ends_seconds`` (a unit ends half a frame before its last cumulative frame), exact to half a
+    frame."""
+    cum = np.clip(np.floor(np.asarray(ends_s, dtype=np.float64) / hop_s + 1.0).astype(np.int64), 0, n_frames)
+    cum[-1] = n_frames
+    return np.diff(np.concatenate([[0], np.maximum.accumulate(cum)]))
+
+
 def token_confidence(ctc_logp: torch.Tensor, ids: list[int], frames: np.ndarray, lead: bool,
                      blank_id: int = 0) -> np.ndarray:
     """Per-token confidence: mean over its frames of p(token | frame, not blank) (1 = certain)."""

@@ -60,6 +60,12 @@ def merge_silence(segments: Sequence[Segment]) -> list[Segment]:
     return out
 
 
+def spans_from_ends(labels: Sequence[str], ends: Sequence[float]) -> list[Segment]:
+    """One segment per label: the first starts at 0, each ends at its end time (seconds), the next starts there."""
+    starts = [0.0, *ends[:-1]]
+    return [Segment(float(s), float(e), lab) for s, e, lab in zip(starts, ends, labels)]
+
+
 def reference_segments(phones: Sequence[str], ends: Sequence[float], where: str = "") -> list[Segment]:
     """festival ``phones`` + ``end times`` (seconds) -> segments starting at 0, silence merged."""
     if len(phones) != len(ends) or not phones:
@@ -67,7 +73,7 @@ def reference_segments(phones: Sequence[str], ends: Sequence[float], where: str 
     starts = [0.0, *ends[:-1]]
     if any(e < s - 1e-9 for s, e in zip(starts, ends)):
         raise UserError(f"{where}: end times must be non-decreasing")
-    return merge_silence([Segment(float(s), float(e), p) for s, e, p in zip(starts, ends, phones)])
+    return merge_silence(spans_from_ends(phones, ends))
 
 
 def token_spans(tokens: Sequence[str], durations: Sequence[int], sample_rate: int, hop_length: int) -> list[Segment]:

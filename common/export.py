@@ -316,7 +316,7 @@ def _refine(passed: list[dict], vocab, device: str, opts: Options) -> dict:
     """Replace every first-pass alignment by the refined one (unit frames on a 1 ms grid when the HMM-GMM pass
     runs, else at the refiner's 5 ms hop); returns stats."""
     from common.audio import load_audio
-    from common.hmm import FLAT_START_SCHEDULE, MFCC, HMMConfig, ends_to_counts, hmm_realign
+    from common.hmm import FLAT_START_SCHEDULE, MFCC, HMMConfig, hmm_realign
     from common.refine import RefineConfig, refine, unit_label_ids
 
     cfg = RefineConfig(rounds=opts.refine_rounds, max_minutes=opts.refine_minutes)
@@ -353,7 +353,7 @@ def _refine(passed: list[dict], vocab, device: str, opts: Options) -> dict:
         have = [(w, m[i]) for w, m in members if m[i] is not None]  # an HMM skips rows too fast for 3 states/unit
         total = sum(w for w, _ in have)
         e = sum(w * m for w, m in have) / total if total > 0 else ends[i]
-        d.update(frames=ends_to_counts(e, int(round(t / grid)), grid), hop_s=grid, refine_conf=rc)
+        d.update(frames=A.ends_to_counts(e, int(round(t / grid)), grid), hop_s=grid, refine_conf=rc)
     return stats
 
 
@@ -399,11 +399,10 @@ def _write_one(d: dict, opts: Options, align_file: Path) -> dict:
                            confidence=[round(float(c), 4) for c in conf], **extra)
     append_alignment(align_file, rec)
     if opts.textgrid:
-        from common.boundaries import Segment
+        from common.boundaries import spans_from_ends
         from common.textgrid import words_from_spans, write_textgrid
 
-        starts = np.concatenate([[0.0], unit_ends[:-1]])
-        spans = [Segment(float(s), float(e), t) for s, e, t in zip(starts, unit_ends, tokens)]
+        spans = spans_from_ends(tokens, unit_ends)
         tg = safe_join(opts.corpus / "textgrids", it.rel + ".TextGrid", it.where)
         write_textgrid(tg, [s for s in spans if s.label not in (A.SIL,)], words_from_spans(spans), duration)
     write_durations(it.out, durs, opts.fmt)

@@ -144,14 +144,6 @@ def split_counts(unit_counts, states: int) -> np.ndarray:
     return np.diff(edges, axis=1).reshape(-1)
 
 
-def ends_to_counts(ends_s, n_frames: int, hop_s: float) -> np.ndarray:
-    """Unit end times (s) -> frames per unit under the centred-frame convention (frame t centred at t * hop)."""
-    # the inverse of common.align.frame_ends_seconds (a unit ends half a frame before its last cumulative frame)
-    cum = np.clip(np.floor(np.asarray(ends_s, dtype=np.float64) / hop_s + 1.0).astype(np.int64), 0, n_frames)
-    cum[-1] = n_frames
-    return np.diff(np.concatenate([[0], np.maximum.accumulate(cum)]))
-
-
 def viterbi(model: StateGMMs, feats: list[torch.Tensor], seqs: list[torch.Tensor],
             frames_per_batch: int = 30000) -> list[np.ndarray]:
     """Best state segmentation of each utterance (MAS over emission + self-loop log-probabilities)."""
@@ -225,15 +217,15 @@ def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: lis
     n_utts = len(feats)
     # Viterbi needs >= one frame per state: an utterance too fast for that keeps its initial alignment
     ok = [i for i, (f, u) in enumerate(zip(feats, unit_ids)) if f.shape[0] >= cfg.states * len(u)]
-    init = None if init_ends_s is None else [ends_to_counts(init_ends_s[i], feats[i].shape[0], hop_s) for i in ok]
     stats: dict = {"skipped_too_fast": n_utts - len(ok)}
     out: list[np.ndarray | None] = [None] * n_utts
     if ok:
         # a seeded sample of at most max_train_hours of audio trains the GMMs; the final model aligns every row
-        pos = {i: k for k, i in enumerate(ok)}
         train, acc = sample_hours(ok, durations, cfg.max_train_hours, cfg.seed)
-        counts, st, model = train_align([feats[i] for i in train], [unit_ids[i] for i in train], n_units, cfg,
-                                        None if init is None else [init[pos[i]] for i in train], log)
+        init = None if init_ends_s is None else [A.ends_to_counts(init_ends_s[i], feats[i].shape[0], hop_s)
+                                                 for i in train]
+        counts, st, model = train_align([feats[i] for i in train], [unit_ids[i] for i in train], n_units, cfg, init,
+                                        log)
         stats.update(st, train_utts=len(train), train_audio_s=round(acc, 1))
         rest = sorted(set(ok) - set(train))
         if rest:

@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from hyperpyyaml import load_hyperpyyaml  # noqa: E402
 from speechbrain.dataio.sampler import DistributedSamplerWrapper  # noqa: E402
 from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks  # noqa: E402
-from speechbrain.utils.distributed import ddp_barrier, if_main_process, run_on_main  # noqa: E402
+from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process, run_on_main  # noqa: E402
 from speechbrain.utils.parameter_transfer import Pretrainer  # noqa: E402
 from speechbrain.utils.logger import get_logger  # noqa: E402
 
@@ -114,15 +114,6 @@ def _all_ranks(flag) -> bool:
         t = t.cuda()
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
     return bool(t.item())
-
-
-def _from_rank0(flag: bool) -> bool:
-    """Rank 0's ``flag`` on every DDP process (plain ``flag`` without DDP)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return bool(flag)
-    box = [bool(flag)]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return bool(box[0])
 
 
 class DistributedBatchSamplerWrapper(DistributedSamplerWrapper):
@@ -310,7 +301,7 @@ class PhonemeBrain(sb.Brain):
             spent = self.clock.elapsed()  # includes the runs before a resume
             # the next epoch would overrun the budget; under DDP every process follows rank 0's clock (ranks that
             # decided differently would wait for each other forever in the next epoch's collectives)
-            if _from_rank0(budget > 0 and spent + spent / max(epoch, 1) > budget):
+            if ddp_broadcast(budget > 0 and spent + spent / max(epoch, 1) > budget):
                 logger.info(f"max_train_minutes={hp.max_train_minutes}: stopping after epoch {epoch} ({spent:.0f} s)")
                 hp.epoch_counter.limit = epoch
         else:

@@ -4,9 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.align import frame_ends_seconds
-from common.hmm import (FLAT_START_SCHEDULE, HMMConfig, StateGMMs, ends_to_counts, features, hmm_realign,
-                        split_counts)
+from common.align import ends_to_counts, frame_ends_seconds
+from common.hmm import FLAT_START_SCHEDULE, HMMConfig, StateGMMs, features, hmm_realign, split_counts
 from tests.utils import TONE_FREQS, TONE_SR, mean_inner_error_ms, tone_corpus
 
 
