@@ -148,7 +148,8 @@ def maximum_path_reference(value: torch.Tensor, mask: torch.Tensor, dtype: torch
 # 3. numba CPU kernel
 # ----------------------------------------------------------------------------------------------------------------
 _NUMBA_LOCK = threading.Lock()
-_TILE = 16  # mel frames gathered per tile: one 64-byte cache line of float32 per text row
+_TILE = 16  # mel frames copied per block: one 64-byte cache line of float32 per text row
+_DIRECT_CELLS = 400_000  # items with at most t_x * t_y cells are not copied frame-major first (measured faster)
 
 
 @functools.lru_cache(maxsize=None)
@@ -169,64 +170,58 @@ def _numba_kernel():
             numba.config.THREADING_LAYER = "workqueue"
 
     @njit(cache=True, nogil=True, fastmath=False, boundscheck=False)
-    def one_item(v, tx, ty, neg, out, tile, q0, q1, down):
+    def one_item(v, tx, ty, neg, out, q):
         """MAS for one item. v: [T, S] scores; writes the token index of frames 0..ty-1 into out.
 
-        The DP keeps only two columns (q0/q1, length tx) and one direction byte per band cell
-        (down[y * tx + x] == 1: backtracking at (x, y) moves to token x - 1). Score columns are read through a small
-        transposed tile so the inner loop over tokens runs on contiguous memory."""
+        Cython's recurrence Q[y, x] = max(Q[y-1, x], Q[y-1, x-1]) + v[x, y], stored frame-major in the scratch q
+        (viewed as [ty, tx]) so the loop over tokens is contiguous; backtracking compares the stored scores, as
+        Cython does. Large items first copy the scores into q (in blocks of _TILE frames, so reads and writes
+        stay in cache) and update it in place: that loop vectorises. Small ones read v directly: the copy would
+        cost more than it saves (measured, benchmarks/mas_speed.py)."""
         if tx > ty:  # no valid path: frame y -> token y + tx - ty
             for y in range(ty):
                 out[y] = y + tx - ty
             return
-        prev = q0
-        cur = q1
-        prev[0] = v[0, 0]
-        for y0 in range(1, ty, _TILE):
-            y1 = min(y0 + _TILE, ty)
-            # rows that any column of this tile needs: union of the bands of columns y0..y1-1
-            r_lo = max(0, tx + y0 - ty)
-            r_hi = min(tx, y1)
-            for x in range(r_lo, r_hi):
-                row = v[x, y0:y1]
-                for k in range(y1 - y0):
-                    tile[k, x] = row[k]
-            for y in range(y0, y1):
-                col = tile[y - y0]
-                d = down[y * tx:(y + 1) * tx]
-                lo = max(0, tx + y - ty)
-                hi = min(tx, y + 1)
-                a_lo = lo
-                if lo == 0:  # token 0: no predecessor token
-                    a = prev[0]
-                    cur[0] = (neg if neg > a else a) + col[0]
-                    d[0] = 0
-                    a_lo = 1
-                a_hi = hi
-                if hi == y + 1:  # x == y: the only way in is from token x - 1
-                    b = prev[y - 1]
-                    cur[y] = (b if b > neg else neg) + col[y]
-                    d[y] = 1
-                    a_hi = y
-                # interior tokens: zero-based views so that the loop vectorises (no negative-index checks)
-                n = a_hi - a_lo
-                if n > 0:
-                    p_same = prev[a_lo:a_hi]
-                    p_down = prev[a_lo - 1:a_hi - 1]
-                    c_out = cur[a_lo:a_hi]
-                    c_in = col[a_lo:a_hi]
-                    d_out = d[a_lo:a_hi]
-                    # two simple loops vectorise better than one with a select; max() equals the
-                    # reference's "b if b > a else a" for every non-NaN input
-                    for i in range(n):
-                        c_out[i] = max(p_same[i], p_down[i]) + c_in[i]
-                    for i in range(n):
-                        d_out[i] = p_down[i] > p_same[i]
-                prev, cur = cur, prev
+        Q = q[: tx * ty].reshape((ty, tx))
+        copied = tx * ty > _DIRECT_CELLS
+        if copied:
+            for y0 in range(0, ty, _TILE):
+                y1 = min(y0 + _TILE, ty)
+                for x in range(tx):
+                    row = v[x, y0:y1]
+                    for k in range(y1 - y0):
+                        Q[y0 + k, x] = row[k]
+        else:
+            Q[0, 0] = v[0, 0]
+        for y in range(1, ty):
+            lo = max(0, tx + y - ty)
+            hi = min(tx, y + 1)
+            p = Q[y - 1]
+            c = Q[y]
+            a_lo = lo
+            if lo == 0:  # token 0: no predecessor token
+                a = p[0]
+                c[0] = (neg if neg > a else a) + (c[0] if copied else v[0, y])
+                a_lo = 1
+            a_hi = hi
+            if hi == y + 1:  # x == y: the only way in is from token x - 1
+                b = p[y - 1]
+                c[y] = (b if b > neg else neg) + (c[y] if copied else v[y, y])
+                a_hi = y
+            # interior tokens; max() equals the reference's "b if b > a else a" for every non-NaN input
+            if copied:  # zero-based views so that the loop vectorises (no negative-index checks)
+                p_same = p[a_lo:a_hi]
+                p_down = p[a_lo - 1:a_hi - 1]
+                c_io = c[a_lo:a_hi]
+                for i in range(a_hi - a_lo):
+                    c_io[i] += max(p_same[i], p_down[i])
+            else:
+                for x in range(a_lo, a_hi):
+                    c[x] = max(p[x], p[x - 1]) + v[x, y]
         x = tx - 1
         for y in range(ty - 1, 0, -1):
             out[y] = x
-            if x != 0 and down[y * tx + x]:
+            if x != 0 and (x == y or Q[y - 1, x - 1] > Q[y - 1, x]):
                 x -= 1
         out[0] = x
 
@@ -235,7 +230,7 @@ def _numba_kernel():
 
         def batch(values, t_x, t_y, order, neg, out, work):
             """values [B, T, S]; t_x, t_y [B] int32; order: items, largest first; out [B, S] int32 token per
-            frame; work [threads, >= max(t_x * t_y)] uint8 scratch for the direction bytes, one row per thread
+            frame; work [threads, >= max(t_x * t_y)] scratch in the values' dtype for the DP, one row per thread
             (reused between calls, so the big buffer is not page-faulted in again every time)."""
             n = order.shape[0]
             for i in loop(n):
@@ -244,11 +239,8 @@ def _numba_kernel():
                 ty = t_y[b]
                 if tx <= 0 or ty <= 0:
                     continue
-                tile = np.empty((_TILE, tx), dtype=values.dtype)
-                q0 = np.empty(tx, dtype=values.dtype)
-                q1 = np.empty(tx, dtype=values.dtype)
                 row = numba.get_thread_id() if parallel else 0
-                one_item(values[b], tx, ty, neg, out[b], tile, q0, q1, work[row])
+                one_item(values[b], tx, ty, neg, out[b], work[row])
 
         if parallel:
             return njit(parallel=True, cache=True, nogil=True)(batch)
@@ -258,7 +250,8 @@ def _numba_kernel():
     def serial_fused(values, mask, neg, path, work):
         """Small inputs in one compiled call (lengths from the mask, DP, path fill): at 1 x 50 x 200 the Python
         and dispatch overhead of the three-step route costs more than the DP itself. values/mask [B, T, S] with
-        T, S >= 1; path [B, T, S] zeros (float32/float64), filled in place; work >= max(t_x * t_y) bytes."""
+        T, S >= 1; path [B, T, S] zeros (float32/float64), filled in place; work >= max(t_x * t_y) scratch in the
+        values' dtype."""
         B, T, S = values.shape
         out = np.empty(S, dtype=np.int32)
         for b in range(B):
@@ -272,10 +265,7 @@ def _numba_kernel():
             ty = int(sy)
             if tx <= 0 or ty <= 0:
                 continue
-            tile = np.empty((_TILE, tx), dtype=values.dtype)
-            q0 = np.empty(tx, dtype=values.dtype)
-            q1 = np.empty(tx, dtype=values.dtype)
-            one_item(values[b], tx, ty, neg, out, tile, q0, q1, work)
+            one_item(values[b], tx, ty, neg, out, work)
             for y in range(ty):
                 path[b, out[y], y] = 1.0
 
@@ -297,15 +287,16 @@ def _numba_fill():
     return fill
 
 
-_WORK = {"buf": np.empty((0, 0), dtype=np.uint8)}
+_WORK: dict = {}  # numpy dtype -> the DP scratch [threads, cells], kept between calls
 _SERIAL_CELLS = 100_000  # below this many DP cells, waking the thread pool costs more than it saves
 
 
-def _work_buffer(rows: int, cols: int) -> np.ndarray:
-    buf = _WORK["buf"]
-    if buf.shape[0] < rows or buf.shape[1] < cols:
-        buf = np.empty((max(rows, buf.shape[0]), max(cols, buf.shape[1])), dtype=np.uint8)
-        _WORK["buf"] = buf
+def _work_buffer(rows: int, cols: int, dtype=np.float32) -> np.ndarray:
+    buf = _WORK.get(np.dtype(dtype))
+    if buf is None or buf.shape[0] < rows or buf.shape[1] < cols:
+        old = (0, 0) if buf is None else buf.shape
+        buf = np.empty((max(rows, old[0]), max(cols, old[1])), dtype=dtype)
+        _WORK[np.dtype(dtype)] = buf
     return buf
 
 
@@ -344,9 +335,9 @@ def _maximum_path_numba(value: torch.Tensor, mask: torch.Tensor, dtype: torch.dt
         order = np.argsort(-cells, kind="stable")
         with _NUMBA_LOCK:  # the workqueue layer and the shared scratch must not be used concurrently
             if B == 1 or int(cells.sum()) < _SERIAL_CELLS or numba.get_num_threads() == 1:
-                batch_serial(v, tx_np, ty_np, order, np_dtype(NEG), idx, _work_buffer(1, int(cells.max())))
+                batch_serial(v, tx_np, ty_np, order, np_dtype(NEG), idx, _work_buffer(1, int(cells.max()), np_dtype))
             else:
-                work = _work_buffer(numba.get_num_threads(), int(cells.max()))
+                work = _work_buffer(numba.get_num_threads(), int(cells.max()), np_dtype)
                 with numba.parallel_chunksize(1):
                     batch_parallel(v, tx_np, ty_np, order, np_dtype(NEG), idx, work)
     return _path_from_indices_np(idx, tx_np, ty_np, T, dtype, device)
@@ -362,7 +353,7 @@ def _maximum_path_numba_small(serial_fused, value: torch.Tensor, mask: torch.Ten
         m = m.to("cpu", torch.float32 if m.dtype in (torch.bfloat16, torch.float16) else m.dtype)
     path = torch.zeros((B, T, S), dtype=dtype)
     with _NUMBA_LOCK:
-        serial_fused(v, m.numpy(), np_dtype(NEG), path.numpy(), _work_buffer(1, T * S)[0])
+        serial_fused(v, m.numpy(), np_dtype(NEG), path.numpy(), _work_buffer(1, T * S, np_dtype)[0])
     return path.to(value.device)
 
 
