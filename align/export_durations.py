@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.align import SCORE_KINDS  # noqa: E402
-from common.export import Options, export_corpus  # noqa: E402
+from common.export import PRECISIONS, Options, export_corpus  # noqa: E402
 from common.io import UserError, cli  # noqa: E402
 
 DEFAULT_MODEL_DIR = Path("results/phoneme/1234")  # hparams/phoneme.yaml: output_folder = results/phoneme/<seed>
@@ -48,6 +48,9 @@ def parse_args(argv=None) -> Options:
                    help="weight of the two HMM-GMM alignments (common/hmm.py: one started from the frame "
                         "classifier's, one from a flat start; w/2 each) in the refined boundaries; the classifier's "
                         "get 1 - w (default 2/3: the plain mean of the three; 0 = no HMM-GMM pass)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="the recognizer's compute: auto (default) = bf16 on CUDA and on CPUs with native bf16 "
+                        "(AVX512-BF16/AMX), else fp32; boundaries measured equal (benchmarks/export_speed.py)")
     p.add_argument("--textgrid", action="store_true", help="also write DIR/textgrids/{rel_path}.TextGrid")
     p.add_argument("--plots", type=int, default=0, metavar="N", help="PNG plots of N utterances (DIR/durations/plots)")
     p.add_argument("--overwrite", action="store_true", help="recompute existing duration files")

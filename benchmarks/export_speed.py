@@ -4,12 +4,14 @@
     python benchmarks/export_speed.py --corpus DIR --model_dir RUN [--device cpu|cuda] [--repeat 2]
 
 Runs ``common.export.export_corpus`` (audio load, features, model, CTC anchoring, MAS, Matcha frames, writing)
-on the corpus, in-process after one warm-up (model load and numba compilation are reported apart), and prints
+on the corpus, in-process after one warm-up run (imports, numba compilation; each timed run loads the model), and prints
 real-time factors for the configurations that matter: CTC scores (no attention decoder), joint scores (the
-decoder runs too), batch sizes (all first pass only, ``--no_refine``), the neural refinement alone
+decoder runs too), batch sizes, fp32 against ``--precision auto`` (bf16 where the CPU/GPU has it; all first pass
+only, ``--no_refine``), the neural refinement alone
 (``--hmm_weight 0``: it trains a frame classifier on the corpus) and the default (the refinement plus the two
 HMM-GMM passes: the accuracy mode). The baseline in the same run is the per-utterance loop (``--batch_seconds`` of one
-utterance), so the ratio shows what batching buys on this machine.
+utterance, fp32), so the ratio shows what batching and bf16 buy on this machine; the header names the precision
+``auto`` resolved to.
 """
 from __future__ import annotations
 
@@ -46,14 +48,19 @@ def main() -> int:
     a = ap.parse_args()
     run(a.corpus, a.model_dir, a.device, limit=min(a.limit or 8, 8))  # warm-up: imports, numba compile
     first = dict(refine=False)
-    configs = [("per-utterance, ctc (baseline)", dict(batch_seconds=1e-3, scores="ctc", **first)),
+    fp32 = dict(precision="fp32")
+    configs = [("per-utterance, ctc, fp32 (baseline)", dict(batch_seconds=1e-3, scores="ctc", **first, **fp32)),
+               ("batched 200 s, ctc, fp32", dict(batch_seconds=200.0, scores="ctc", **first, **fp32)),
                ("batched 30 s, ctc", dict(batch_seconds=30.0, scores="ctc", **first)),
                ("batched 200 s, ctc", dict(batch_seconds=200.0, scores="ctc", **first)),
                ("batched 600 s, ctc", dict(batch_seconds=600.0, scores="ctc", **first)),
+               ("batched 200 s, joint, fp32", dict(batch_seconds=200.0, scores="joint", **first, **fp32)),
                ("batched 200 s, joint (--no_refine)", dict(batch_seconds=200.0, scores="joint", **first)),
                ("joint + neural refinement only", dict(batch_seconds=200.0, scores="joint", hmm_weight=0.0)),
                ("joint + refinement + HMM-GMMs (default)", dict(batch_seconds=200.0, scores="joint"))]
     base = None
+    from common.export import resolve_precision
+    print(f"device {a.device}; --precision auto -> {resolve_precision('auto', a.device)}")
     print(f"{'configuration':<44}{'audio s':>9}{'wall s':>9}{'x realtime':>12}{'vs baseline':>13}")
     for name, kw in configs:
         best = None

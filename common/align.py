@@ -76,24 +76,27 @@ def ctc_emissions(ctc_logp: torch.Tensor, ids: list[int], blank_id: int = 0) -> 
         return None
     try:
         lp = ctc_logp.detach().float().cpu()[None]
-        ali, scores = taf.forced_align(lp, torch.as_tensor([ids], dtype=torch.int32), blank=blank_id)
-        spans = taf.merge_tokens(ali[0], scores[0].exp(), blank=blank_id)
+        ali = taf.forced_align(lp, torch.as_tensor([ids], dtype=torch.int32), blank=blank_id)[0][0].numpy()
     except (RuntimeError, ValueError):  # infeasible (too few frames for the repeats)
         return None
-    if len(spans) != len(ids):
+    # runs of one non-blank label (torchaudio's merge_tokens, without a Python object per frame)
+    new = np.flatnonzero(np.diff(ali, prepend=-1) != 0)
+    ends = np.append(new[1:], len(ali))
+    keep = ali[new] != blank_id
+    if int(keep.sum()) != len(ids):
         return None
-    return [(int(sp.start), int(sp.end)) for sp in spans]
+    return list(zip(new[keep].tolist(), ends[keep].tolist()))
 
 
 def anchor(score: torch.Tensor, spans: list[tuple[int, int]], lead: bool) -> torch.Tensor:
     """Forbid every other row at each token's CTC-emission frames."""
-    out = score.clone()
     off = 1 if lead else 0
+    owner = torch.full((score.shape[1],), -1, dtype=torch.long)  # the row whose emission each frame is, or -1
     for k, (a, b) in enumerate(spans):
-        keep = out[k + off, a:b].clone()
-        out[:, a:b] = FORBID
-        out[k + off, a:b] = keep
-    return out
+        owner[a:b] = k + off
+    owner = owner.to(score.device)
+    rows = torch.arange(score.shape[0], device=score.device)[:, None]
+    return score.masked_fill((owner[None, :] >= 0) & (rows != owner[None, :]), FORBID)
 
 
 def mas_frames(scores: list[torch.Tensor], frame_lens: list[int]) -> list[np.ndarray]:
@@ -132,13 +135,16 @@ def ends_to_counts(ends_s, n_frames: int, hop_s: float) -> np.ndarray:
 def token_confidence(ctc_logp: torch.Tensor, ids: list[int], frames: np.ndarray, lead: bool,
                      blank_id: int = 0) -> np.ndarray:
     """Per-token confidence: mean over its frames of p(token | frame, not blank) (1 = certain)."""
-    nb = ctc_logp.clone()
-    nb[:, blank_id] = -float("inf")
-    post = torch.softmax(nb.float(), -1).cpu().numpy()  # [T, V], blank excluded
-    starts = np.concatenate([[0], np.cumsum(frames)[:-1]])
     off = 1 if lead else 0
-    conf = np.empty(len(ids))
-    for k, tok in enumerate(ids):
-        s, n = starts[k + off], frames[k + off]
-        conf[k] = float(post[s : s + n, tok].mean()) if n > 0 else 0.0
-    return conf
+    frames = np.asarray(frames, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(frames)[:-1]])[off: off + len(ids)]
+    n = frames[off: off + len(ids)]
+    nb = ctc_logp.detach().float().cpu().clone()
+    nb[:, blank_id] = -float("inf")
+    lse = torch.logsumexp(nb, -1).numpy()  # [T]: log-normaliser of the non-blank posterior
+    # each token's frames, gathered flat: (frame, token) pairs -> p(token | frame, not blank)
+    frame_idx = np.repeat(starts, n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))
+    tok_idx = np.repeat(np.asarray(ids, dtype=np.int64), n)
+    p = np.exp(nb.numpy()[frame_idx, tok_idx] - lse[frame_idx])
+    sums = np.bincount(np.repeat(np.arange(len(ids)), n), weights=p, minlength=len(ids))
+    return np.where(n > 0, sums / np.maximum(n, 1), 0.0)

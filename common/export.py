@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,7 @@ class Options:
     refine_rounds: int = 8
     refine_minutes: float = 0.0  # >0: wall-clock cap on the refiner's training
     hmm_weight: float = 2 / 3  # refined boundary: (1 - w) x the frame classifier's + w/2 x each HMM-GMM's (0: none)
+    precision: str = "auto"  # recognizer's compute: auto (bf16 where the hardware has it), fp32 or bf16
 
 
 @dataclass
@@ -79,6 +81,26 @@ class Item:
     out: Path
     where: str
     extra: dict = field(default_factory=dict)
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_bf16() -> bool:
+    """The CPU computes bf16 natively (AVX512-BF16 / AMX through oneDNN); without it bf16 is emulated and slow."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto`` -> bf16 on CUDA and on CPUs with native bf16, else fp32."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    return "bf16" if device.startswith("cuda") or cpu_has_bf16() else "fp32"
 
 
 def resolve_device(device: str) -> str:
@@ -203,10 +225,10 @@ def greedy_per(ctc_logp: torch.Tensor, ids: list[int]) -> float:
 @torch.inference_mode()
 def _model_scores(modules, hparams, wavs, lens, tok_bos, tok_lens, kind: str, use_amp: bool):
     """(ctc_logp [B,T,V] float, attention [B,U+1,T] or None, frame lengths); the attention decoder runs only
-    when the scores need it."""
+    when the scores need it. ``use_amp``: bf16 autocast (the features stay fp32)."""
     from common.model import abs_lengths, attention_decode, ctc_log_probs, compute_feats, encode
 
-    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+    with torch.autocast(device_type=wavs.device.type, dtype=torch.bfloat16, enabled=use_amp):
         enc = encode(modules, compute_feats(modules, hparams, wavs, lens), lens)
         ctc_logp, attn = ctc_log_probs(modules, hparams, enc), None
         if kind != "ctc":
@@ -225,12 +247,13 @@ def _remove_stale_temps(folders) -> None:
 def export_corpus(opts: Options) -> dict:
     from tqdm import tqdm
 
-    from common.model import batch_tokens_bos, load_for_inference
+    from common.model import load_for_inference
 
     t0 = time.time()
     device = resolve_device(opts.device)
     if opts.scores not in A.SCORE_KINDS:
         raise UserError(f"--scores must be one of {', '.join(A.SCORE_KINDS)}")
+    precision = resolve_precision(opts.precision, device)
     modules, hparams, vocab = load_for_inference(opts.model_dir, device)
     items = prepare_items(opts, vocab, trained_data_folder(opts.model_dir))
     check_feasible(items, hparams, opts.edge_silence)
@@ -251,11 +274,57 @@ def export_corpus(opts: Options) -> dict:
                                          batch_sampler=batches_by_length(first, opts.batch_seconds),
                                          collate_fn=_collate, num_workers=1 if len(first) > 1 else 0)
     plots = {"left": opts.plots, "dir": report_dir / "plots"}
-    use_amp = device.startswith("cuda")
+    use_amp = precision == "bf16"
     audio_s = 0.0
     passed: list[dict | None] = [None] * len(first)
     bar = tqdm(total=len(first), desc="export" if not refining else "first pass", unit="utt",
                disable=not opts.progress)
+    # without refinement, one background thread writes each finished batch (in order) while the next one runs
+    writer, written = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export-writer"), []
+
+    def write(done: list[dict]) -> None:
+        written.append(writer.submit(_write_all, done, opts, align_file, results, failures))
+
+    try:
+        _first_pass(loader, first, modules, hparams, device, opts, use_amp, hop_s, passed, plots, bar,
+                    None if refining else write)
+    finally:
+        writer.shutdown(wait=True)
+    audio_s += sum(f.result() for f in written)
+    bar.close()
+    refine_stats = None
+    if refining:
+        refine_stats = _refine(passed, vocab, device, opts)
+        write = {it.rel for it in todo}
+        audio_s += _write_all([d for d in passed if d["it"].rel in write], opts, align_file, results, failures)
+    flagged = {rel: r["flags"] for rel, r in results.items() if r["flags"]}
+    elapsed = time.time() - t0
+    report = {
+        "corpus": str(opts.corpus), "model_dir": str(opts.model_dir), "device": device, "precision": precision,
+        "scores": opts.scores, "format": opts.fmt, "add_blank": opts.add_blank, "hop_length": opts.hop_length,
+        "mel_lengths_from": "audio" if opts.no_mels else "mels/",
+        "counts": {"success": len(results), "failure": len(failures), "skipped_existing": skipped,
+                   "total": len(items)},
+        "failures": failures, "flagged": flagged,
+        "flag_rules": {"low_confidence": f"mean phone confidence < {opts.low_conf}",
+                       "long_phone": f"a phone longer than {opts.max_phone_s}s",
+                       "high_per": f"CTC greedy PER vs the transcript > {opts.high_per}%"},
+        "utterances": {rel: {k: r[k] for k in ("confidence", "greedy_per", "frames", "flags")}
+                       for rel, r in results.items()},
+        "refine": refine_stats,
+        "seconds": round(elapsed, 2), "audio_seconds": round(audio_s, 2),
+        "realtime_factor": round(audio_s / elapsed, 1) if elapsed > 0 else None,
+    }
+    write_json(report_dir / "export_report.json", report)
+    return report
+
+
+def _first_pass(loader, first: list[Item], modules, hparams, device: str, opts: Options, use_amp: bool,
+                hop_s: float, passed: list, plots: dict, bar, write) -> None:
+    """The recognizer + MAS over every batch: fills ``passed[i]`` (item, units, frame counts, confidence, greedy
+    PER); ``write(done)``, when given, is handed each finished batch."""
+    from common.model import batch_tokens_bos
+
     for idx, wavs, lens in loader:
         batch = [first[i] for i in idx]
         tok_bos, tok_lens = batch_tokens_bos([it.ids for it in batch])
@@ -281,35 +350,9 @@ def export_corpus(opts: Options) -> dict:
                 plots["left"] -= 1
             passed[i] = d
             done.append(d)
-        if not refining:
-            audio_s += _write_all(done, opts, align_file, results, failures)
+        if write is not None:
+            write(done)
         bar.update(len(batch))
-    bar.close()
-    refine_stats = None
-    if refining:
-        refine_stats = _refine(passed, vocab, device, opts)
-        write = {it.rel for it in todo}
-        audio_s += _write_all([d for d in passed if d["it"].rel in write], opts, align_file, results, failures)
-    flagged = {rel: r["flags"] for rel, r in results.items() if r["flags"]}
-    elapsed = time.time() - t0
-    report = {
-        "corpus": str(opts.corpus), "model_dir": str(opts.model_dir), "device": device, "scores": opts.scores,
-        "format": opts.fmt, "add_blank": opts.add_blank, "hop_length": opts.hop_length,
-        "mel_lengths_from": "audio" if opts.no_mels else "mels/",
-        "counts": {"success": len(results), "failure": len(failures), "skipped_existing": skipped,
-                   "total": len(items)},
-        "failures": failures, "flagged": flagged,
-        "flag_rules": {"low_confidence": f"mean phone confidence < {opts.low_conf}",
-                       "long_phone": f"a phone longer than {opts.max_phone_s}s",
-                       "high_per": f"CTC greedy PER vs the transcript > {opts.high_per}%"},
-        "utterances": {rel: {k: r[k] for k in ("confidence", "greedy_per", "frames", "flags")}
-                       for rel, r in results.items()},
-        "refine": refine_stats,
-        "seconds": round(elapsed, 2), "audio_seconds": round(audio_s, 2),
-        "realtime_factor": round(audio_s / elapsed, 1) if elapsed > 0 else None,
-    }
-    write_json(report_dir / "export_report.json", report)
-    return report
 
 
 def _refine(passed: list[dict], vocab, device: str, opts: Options) -> dict:

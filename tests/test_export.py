@@ -188,6 +188,32 @@ def test_bad_rows(corpus_copy, tmp_path):
     assert not (corpus / "durations").exists()
 
 
+def test_precision_bf16_matches_fp32(corpus_copy):
+    """--precision bf16 (autocast; the default on CPUs with native bf16 and on CUDA) moves few boundaries."""
+    from common.export import cpu_has_bf16
+
+    corpus, model = corpus_copy
+    got = {}
+    for prec in ("fp32", "bf16", "auto"):
+        export(corpus, model, "--no_mels", "--no_refine", "--overwrite", "--precision", prec)
+        rep = json.loads((corpus / "durations" / "export_report.json").read_text())
+        assert rep["counts"]["failure"] == 0
+        got[rep["precision"] if prec != "auto" else "auto"] = {
+            rel: a["durations"] for rel, a in read_alignments(corpus / "durations" / "alignments.jsonl").items()}
+        if prec == "auto":
+            assert rep["precision"] == ("bf16" if cpu_has_bf16() else "fp32")
+    # a boundary is the cumulative sum of the durations: compare those, token by token
+    same = total = 0
+    for rel, d32 in got["fp32"].items():
+        c32, c16 = np.cumsum(d32), np.cumsum(got["bf16"][rel])
+        assert len(c32) == len(c16) and c32[-1] == c16[-1], rel
+        same += int(np.sum(np.abs(c32 - c16) <= 1))  # within one Matcha frame (11.6 ms)
+        total += len(c32)
+    assert same / total > 0.95, f"{same}/{total} boundaries within a frame"
+    r = export(corpus, model, "--no_refine", "--precision", "fp16", check=False)
+    assert r.returncode != 0 and "--precision" in r.stderr
+
+
 def test_resume_after_kill_leaves_no_partial_files(corpus_copy):
     corpus, model = corpus_copy
     # the first pass alone writes batch by batch (with refinement every file is written at the very end, in well
