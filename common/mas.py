@@ -148,16 +148,14 @@ def maximum_path_reference(value: torch.Tensor, mask: torch.Tensor, dtype: torch
 # 3. numba CPU kernel
 # ----------------------------------------------------------------------------------------------------------------
 _NUMBA_LOCK = threading.Lock()
-_TILE = 16  # mel frames copied per block: one 64-byte cache line of float32 per text row
-_DIRECT_CELLS = 400_000  # items with at most t_x * t_y cells are not copied frame-major first (measured faster)
 
 
 @functools.lru_cache(maxsize=None)
 def _numba_kernel():
-    """Compile (or load from numba's cache) the batch kernel. Returns None when numba is missing."""
+    """The compiled kernels (``common/mas_numba.py``, loaded from numba's cache after the first run). Returns None
+    when numba is missing."""
     try:
         import numba
-        from numba import njit, prange
     except ImportError:
         return None
     # numba's default OpenMP layer next to torch's own OpenMP runtime costs ~8 ms per call on small machines
@@ -168,121 +166,13 @@ def _numba_kernel():
             numba.threading_layer()
         except ValueError:  # not initialised yet
             numba.config.THREADING_LAYER = "workqueue"
+    from common import mas_numba as K
 
-    @njit(cache=True, nogil=True, fastmath=False, boundscheck=False)
-    def one_item(v, tx, ty, neg, out, q):
-        """MAS for one item. v: [T, S] scores; writes the token index of frames 0..ty-1 into out.
-
-        Cython's recurrence Q[y, x] = max(Q[y-1, x], Q[y-1, x-1]) + v[x, y], stored frame-major in the scratch q
-        (viewed as [ty, tx]) so the loop over tokens is contiguous; backtracking compares the stored scores, as
-        Cython does. Large items first copy the scores into q (in blocks of _TILE frames, so reads and writes
-        stay in cache) and update it in place: that loop vectorises. Small ones read v directly: the copy would
-        cost more than it saves (measured, benchmarks/mas_speed.py)."""
-        if tx > ty:  # no valid path: frame y -> token y + tx - ty
-            for y in range(ty):
-                out[y] = y + tx - ty
-            return
-        Q = q[: tx * ty].reshape((ty, tx))
-        copied = tx * ty > _DIRECT_CELLS
-        if copied:
-            for y0 in range(0, ty, _TILE):
-                y1 = min(y0 + _TILE, ty)
-                for x in range(tx):
-                    row = v[x, y0:y1]
-                    for k in range(y1 - y0):
-                        Q[y0 + k, x] = row[k]
-        else:
-            Q[0, 0] = v[0, 0]
-        for y in range(1, ty):
-            lo = max(0, tx + y - ty)
-            hi = min(tx, y + 1)
-            p = Q[y - 1]
-            c = Q[y]
-            a_lo = lo
-            if lo == 0:  # token 0: no predecessor token
-                a = p[0]
-                c[0] = (neg if neg > a else a) + (c[0] if copied else v[0, y])
-                a_lo = 1
-            a_hi = hi
-            if hi == y + 1:  # x == y: the only way in is from token x - 1
-                b = p[y - 1]
-                c[y] = (b if b > neg else neg) + (c[y] if copied else v[y, y])
-                a_hi = y
-            # interior tokens; max() equals the reference's "b if b > a else a" for every non-NaN input
-            if copied:  # zero-based views so that the loop vectorises (no negative-index checks)
-                p_same = p[a_lo:a_hi]
-                p_down = p[a_lo - 1:a_hi - 1]
-                c_io = c[a_lo:a_hi]
-                for i in range(a_hi - a_lo):
-                    c_io[i] += max(p_same[i], p_down[i])
-            else:
-                for x in range(a_lo, a_hi):
-                    c[x] = max(p[x], p[x - 1]) + v[x, y]
-        x = tx - 1
-        for y in range(ty - 1, 0, -1):
-            out[y] = x
-            if x != 0 and (x == y or Q[y - 1, x - 1] > Q[y - 1, x]):
-                x -= 1
-        out[0] = x
-
-    def make_batch(parallel):
-        loop = prange if parallel else range
-
-        def batch(values, t_x, t_y, order, neg, out, work):
-            """values [B, T, S]; t_x, t_y [B] int32; order: items, largest first; out [B, S] int32 token per
-            frame; work [threads, >= max(t_x * t_y)] scratch in the values' dtype for the DP, one row per thread
-            (reused between calls, so the big buffer is not page-faulted in again every time)."""
-            n = order.shape[0]
-            for i in loop(n):
-                b = order[i]
-                tx = t_x[b]
-                ty = t_y[b]
-                if tx <= 0 or ty <= 0:
-                    continue
-                row = numba.get_thread_id() if parallel else 0
-                one_item(values[b], tx, ty, neg, out[b], work[row])
-
-        if parallel:
-            return njit(parallel=True, cache=True, nogil=True)(batch)
-        return njit(cache=True, nogil=True)(batch)
-
-    @njit(cache=True, nogil=True)
-    def serial_fused(values, mask, neg, path, work):
-        """Small inputs in one compiled call (lengths from the mask, DP, path fill): at 1 x 50 x 200 the Python
-        and dispatch overhead of the three-step route costs more than the DP itself. values/mask [B, T, S] with
-        T, S >= 1; path [B, T, S] zeros (float32/float64), filled in place; work >= max(t_x * t_y) scratch in the
-        values' dtype."""
-        B, T, S = values.shape
-        out = np.empty(S, dtype=np.int32)
-        for b in range(B):
-            sx = 0.0
-            for x in range(T):
-                sx += mask[b, x, 0]
-            sy = 0.0
-            for y in range(S):
-                sy += mask[b, 0, y]
-            tx = int(sx)
-            ty = int(sy)
-            if tx <= 0 or ty <= 0:
-                continue
-            one_item(values[b], tx, ty, neg, out, work)
-            for y in range(ty):
-                path[b, out[y], y] = 1.0
-
-    return numba, make_batch(True), make_batch(False), serial_fused
+    return numba, K.batch_parallel, K.batch_serial, K.serial_fused
 
 
-@functools.lru_cache(maxsize=None)
 def _numba_fill():
-    from numba import njit
-
-    @njit(cache=True, nogil=True)
-    def fill(path, idx, t_x, t_y):
-        """path[b, idx[b, y], y] = 1 for the valid frames of each item (path is zeros, float32 or float64)."""
-        for b in range(path.shape[0]):
-            if t_x[b] > 0:
-                for y in range(t_y[b]):
-                    path[b, idx[b, y], y] = 1.0
+    from common.mas_numba import fill
 
     return fill
 

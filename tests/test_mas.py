@@ -272,12 +272,14 @@ def test_numba_parallel_path_matches_serial():
 
 @pytest.mark.parametrize("values,dtype", [("logp", torch.float32), ("coarse", torch.float32), ("randn", torch.float64)])
 def test_numba_large_items_copy_branch_matches_reference(values, dtype):
-    """Items above mas._DIRECT_CELLS take the kernel's other inner loop (scores copied frame-major first)."""
+    """Items above DIRECT_CELLS take the kernel's other inner loop (scores copied frame-major first)."""
     if "numba" not in CPU_BACKENDS:
         pytest.skip("numba not installed")
     value, mask, tx, ty = make_batch(2, 300, 1600, seed=13, values=values, dtype=dtype)
     mask[1] = mask[0]  # both items full size: 300 x 1600 cells each
-    assert 300 * 1600 > mas._DIRECT_CELLS
+    from common.mas_numba import DIRECT_CELLS
+
+    assert 300 * 1600 > DIRECT_CELLS
     got = maximum_path(value, mask, backend="numba")
     assert torch.equal(got, maximum_path_reference(value, mask))
     assert torch.equal(maximum_path(value[:1], mask[:1], backend="numba"), got[:1])  # the one-item route too

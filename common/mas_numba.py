@@ -1,0 +1,121 @@
+"""numba kernels of ``common.mas`` (the CPU back-end). Imported lazily by ``common.mas`` so that importing it needs
+no numba. The kernels live at module level: numba's on-disk cache (``cache=True``) then hits in every new process
+(as closures they were recompiled each time, ~2.4 s per process)."""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+_TILE = 16  # mel frames copied per block: one 64-byte cache line of float32 per text row
+DIRECT_CELLS = 400_000  # items with at most t_x * t_y cells are not copied frame-major first (measured faster)
+
+
+@njit(cache=True, nogil=True, fastmath=False, boundscheck=False)
+def one_item(v, tx, ty, neg, out, q):
+    """MAS for one item. v: [T, S] scores; writes the token index of frames 0..ty-1 into out.
+
+    Cython's recurrence Q[y, x] = max(Q[y-1, x], Q[y-1, x-1]) + v[x, y], stored frame-major in the scratch q
+    (viewed as [ty, tx]) so the loop over tokens is contiguous; backtracking compares the stored scores, as
+    Cython does. Large items first copy the scores into q (in blocks of _TILE frames, so reads and writes
+    stay in cache) and update it in place: that loop vectorises. Small ones read v directly: the copy would
+    cost more than it saves (measured, benchmarks/mas_speed.py)."""
+    if tx > ty:  # no valid path: frame y -> token y + tx - ty
+        for y in range(ty):
+            out[y] = y + tx - ty
+        return
+    Q = q[: tx * ty].reshape((ty, tx))
+    copied = tx * ty > DIRECT_CELLS
+    if copied:
+        for y0 in range(0, ty, _TILE):
+            y1 = min(y0 + _TILE, ty)
+            for x in range(tx):
+                row = v[x, y0:y1]
+                for k in range(y1 - y0):
+                    Q[y0 + k, x] = row[k]
+    else:
+        Q[0, 0] = v[0, 0]
+    for y in range(1, ty):
+        lo = max(0, tx + y - ty)
+        hi = min(tx, y + 1)
+        p = Q[y - 1]
+        c = Q[y]
+        a_lo = lo
+        if lo == 0:  # token 0: no predecessor token
+            a = p[0]
+            c[0] = (neg if neg > a else a) + (c[0] if copied else v[0, y])
+            a_lo = 1
+        a_hi = hi
+        if hi == y + 1:  # x == y: the only way in is from token x - 1
+            b = p[y - 1]
+            c[y] = (b if b > neg else neg) + (c[y] if copied else v[y, y])
+            a_hi = y
+        # interior tokens; max() equals the reference's "b if b > a else a" for every non-NaN input
+        if copied:  # zero-based views so that the loop vectorises (no negative-index checks)
+            p_same = p[a_lo:a_hi]
+            p_down = p[a_lo - 1:a_hi - 1]
+            c_io = c[a_lo:a_hi]
+            for i in range(a_hi - a_lo):
+                c_io[i] += max(p_same[i], p_down[i])
+        else:
+            for x in range(a_lo, a_hi):
+                c[x] = max(p[x], p[x - 1]) + v[x, y]
+    x = tx - 1
+    for y in range(ty - 1, 0, -1):
+        out[y] = x
+        if x != 0 and (x == y or Q[y - 1, x - 1] > Q[y - 1, x]):
+            x -= 1
+    out[0] = x
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def batch_parallel(values, t_x, t_y, order, neg, out, work):
+    """values [B, T, S]; t_x, t_y [B] int32; order: items, largest first; out [B, S] int32 token per frame; work
+    [threads, >= max(t_x * t_y)] scratch in the values' dtype for the DP, one row per thread (reused between
+    calls, so the big buffer is not page-faulted in again every time)."""
+    for i in prange(order.shape[0]):
+        b = order[i]
+        if t_x[b] > 0 and t_y[b] > 0:
+            one_item(values[b], t_x[b], t_y[b], neg, out[b], work[numba.get_thread_id()])
+
+
+@njit(cache=True, nogil=True)
+def batch_serial(values, t_x, t_y, order, neg, out, work):
+    """``batch_parallel`` on the calling thread (work: one row)."""
+    for i in range(order.shape[0]):
+        b = order[i]
+        if t_x[b] > 0 and t_y[b] > 0:
+            one_item(values[b], t_x[b], t_y[b], neg, out[b], work[0])
+
+
+@njit(cache=True, nogil=True)
+def serial_fused(values, mask, neg, path, work):
+    """Small inputs in one compiled call (lengths from the mask, DP, path fill): at 1 x 50 x 200 the Python
+    and dispatch overhead of the three-step route costs more than the DP itself. values/mask [B, T, S] with
+    T, S >= 1; path [B, T, S] zeros (float32/float64), filled in place; work >= max(t_x * t_y) scratch in the
+    values' dtype."""
+    B, T, S = values.shape
+    out = np.empty(S, dtype=np.int32)
+    for b in range(B):
+        sx = 0.0
+        for x in range(T):
+            sx += mask[b, x, 0]
+        sy = 0.0
+        for y in range(S):
+            sy += mask[b, 0, y]
+        tx = int(sx)
+        ty = int(sy)
+        if tx <= 0 or ty <= 0:
+            continue
+        one_item(values[b], tx, ty, neg, out, work)
+        for y in range(ty):
+            path[b, out[y], y] = 1.0
+
+
+@njit(cache=True, nogil=True)
+def fill(path, idx, t_x, t_y):
+    """path[b, idx[b, y], y] = 1 for the valid frames of each item (path is zeros, float32 or float64)."""
+    for b in range(path.shape[0]):
+        if t_x[b] > 0:
+            for y in range(t_y[b]):
+                path[b, idx[b, y], y] = 1.0
