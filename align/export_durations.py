@@ -40,7 +40,8 @@ def parse_args(argv=None) -> Options:
     p.add_argument("--no_anchor", dest="anchor", action="store_false",
                    help="plain MAS, without pinning tokens to their CTC emissions (measured worse; see README)")
     p.add_argument("--no_refine", dest="refine", action="store_false",
-                   help="skip boundary refinement (common/refine.py): ~3x faster, boundaries ~2x less accurate")
+                   help="skip boundary refinement (common/refine.py and common/hmm.py): ~7x faster, "
+                        "boundaries ~2x less accurate (benchmarks/export_speed.py, benchmarks/accuracy.py)")
     p.add_argument("--refine_rounds", type=int, default=8, help="refinement rounds (re-train + re-align)")
     p.add_argument("--refine_minutes", type=float, default=0.0,
                    help="wall-clock cap on the refiner's training (0 = none; it trains on <= 2 h of audio)")
