@@ -295,8 +295,8 @@ def export_corpus(opts: Options) -> dict:
     refine_stats = None
     if refining:
         refine_stats = _refine(passed, vocab, device, opts)
-        write = {it.rel for it in todo}
-        audio_s += _write_all([d for d in passed if d["it"].rel in write], opts, align_file, results, failures)
+        todo_rels = {it.rel for it in todo}
+        audio_s += _write_all([d for d in passed if d["it"].rel in todo_rels], opts, align_file, results, failures)
     flagged = {rel: r["flags"] for rel, r in results.items() if r["flags"]}
     elapsed = time.time() - t0
     report = {
