@@ -50,7 +50,11 @@ def score(ref: dict, corpus: Path, ids=None, textgrids: bool = False) -> dict:
     else:
         hyps = {r: hyp_segments(al[r]["tokens"], al[r]["durations"], al[r]["sample_rate"], al[r]["hop_length"])
                 for r in ids}
-    rep, _ = evaluate({r: ref[r] for r in ids}, hyps)
+    return summary(evaluate({r: ref[r] for r in ids}, hyps)[0])
+
+
+def summary(rep: dict) -> dict:
+    """The figures a row of the table needs from a ``common.boundaries.evaluate`` report."""
     return {**rep["overall"], "speech_silence_mean_ms": rep["by_edge"].get("speech-silence", {}).get("mean_ms"),
             "one_to_one": rep["one_to_one_utterances"], "utts": rep["utterances"],
             "scored": rep["scored_boundaries"], "ref_boundaries": rep["reference_boundaries"]}
@@ -123,9 +127,9 @@ def main() -> int:
     timing["HMM-GMM flat start"] = round(time.time() - t, 1)
     hyps = {r: collapse_spans(spans_from_ends(ref[r][0], e)) for r, e in zip(rels, hmm_ends) if e is not None}
     for name, ids in (("all rows", rels), ("held-out sentences", held_out)):
-        rep, _ = evaluate({r: ref[r] for r in ids if r in hyps}, {r: hyps[r] for r in ids if r in hyps})
-        results[f"HMM-GMM monophone, flat start (MFA-like competitor): {name}"] = {
-            **rep["overall"], "speech_silence_mean_ms": rep["by_edge"].get("speech-silence", {}).get("mean_ms")}
+        kept = [r for r in ids if r in hyps]
+        results[f"HMM-GMM monophone, flat start (MFA-like competitor): {name}"] = summary(
+            evaluate({r: ref[r] for r in kept}, {r: hyps[r] for r in kept})[0])
 
     # corpus cleaning: swap K phone transcripts, export, see what is flagged
     rng = random.Random(a.seed)

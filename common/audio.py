@@ -14,6 +14,7 @@ import torch
 
 from common.io import UserError
 
+
 def length_buckets(lengths, budget: float, longest_first: bool = False) -> list[list[int]]:
     """Indices sorted by length, cut into batches whose padded size (longest x count) stays within ``budget``
     (an item longer than the budget is a batch of its own). ``longest_first``: the largest batch comes first."""

@@ -12,9 +12,9 @@ monophone stage (Kaldi ``train_mono``) does it.
   path leaves every state exactly once, so the exit terms add the same constant to every path. So the alignment
   step is our batched ``maximum_path`` (common/mas.py).
 
-Used two ways: ``common/export.py`` runs it after the neural refinement (initialised from that alignment) and
-averages the two boundary sets (their errors are partly independent); ``benchmarks/hmm_gmm.py`` runs it from a
-flat start as the competitor baseline.
+Used two ways: ``common/export.py`` runs it twice after the neural refinement (once initialised from that
+alignment, once from a flat start) and averages the three boundary sets (their errors are partly independent);
+``benchmarks/hmm_gmm.py`` runs it from a flat start alone as the competitor baseline.
 """
 from __future__ import annotations
 

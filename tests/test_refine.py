@@ -8,7 +8,6 @@ from common.refine import IGNORE, RefineConfig, frame_labels, refine, unit_label
 from tests.utils import TONE_FREQS as FREQS, TONE_SR as SR, mean_inner_error_ms, tone_corpus
 
 
-
 def test_frame_labels_centre_convention():
     # units end at 12 ms and 30 ms; 5 ms frames are centred at 0, 5, 10, ...
     lab = frame_labels([7, 8], [0.012, 0.030], 7, 0.005)
