@@ -290,13 +290,15 @@ class PhonemeBrain(sb.Brain):
             else:
                 old_lr, new_lr = hp.lr_annealing(stage_loss if hp.lr_anneal_on == "loss" else per)
                 sb.nnet.schedulers.update_learning_rate(self.optimizer, new_lr)
-            meta = {"epoch": epoch, "lr": old_lr, "nonfinite_skipped": self.nonfinite_total}
-            for lg in self.loggers:
-                lg.log_stats(stats_meta=meta, train_stats=self.train_stats, valid_stats=stats)
             res["valid"].append({"epoch": epoch, "loss": stage_loss, "PER": per, "lr": old_lr})
             res["valid_time"] = time.time() - self.stage_t0
             self.checkpointer.save_and_keep_only(meta={"PER": per, "epoch": epoch}, min_keys=["PER"],
                                                  num_to_keep=max(1, int(hp.average_last)))
+            # logged only once its end-of-epoch checkpoint exists: a run killed in between would otherwise resume
+            # from the epoch's last intra-epoch checkpoint, finish the epoch again and log it twice
+            meta = {"epoch": epoch, "lr": old_lr, "nonfinite_skipped": self.nonfinite_total}
+            for lg in self.loggers:
+                lg.log_stats(stats_meta=meta, train_stats=self.train_stats, valid_stats=stats)
             budget = float(hp.max_train_minutes) * 60
             spent = self.clock.elapsed()  # includes the runs before a resume
             # the next epoch would overrun the budget; under DDP every process follows rank 0's clock (ranks that
