@@ -52,6 +52,9 @@ def parse_args(argv=None) -> Options:
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="the recognizer's compute: auto (default) = bf16 on CUDA and on CPUs with native bf16 "
                         "(AVX512-BF16/AMX), else fp32; boundaries measured equal (benchmarks/export_speed.py)")
+    p.add_argument("--calibration", type=Path, metavar="FILE",
+                   help="move boundaries by the labelling convention learnt from hand-checked utterances "
+                        "(align/calibrate.py writes FILE; fit it on an export with the same settings)")
     p.add_argument("--textgrid", action="store_true", help="also write DIR/textgrids/{rel_path}.TextGrid")
     p.add_argument("--plots", type=int, default=0, metavar="N", help="PNG plots of N utterances (DIR/durations/plots)")
     p.add_argument("--overwrite", action="store_true", help="recompute existing duration files")

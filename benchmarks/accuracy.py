@@ -11,6 +11,8 @@
    times: all rows, and held-out sentences only
    + the competitor: a monophone HMM-GMM aligner (MFA's first stage) trained on the same corpus from a flat start
    (benchmarks/hmm_gmm.py)
+   + calibration (semi-supervised, align/calibrate.py): the reference times of N random rows (``--calib``) teach
+   the labelling convention; the default export with it, scored on the other rows
 4. corpus cleaning: export with K transcripts swapped between utterances and check that the flagged utterances
    (export_report.json) are the ones with large boundary errors
 5. the espeak-IPA path (G2P instead of --phones_tsv): train, export, evaluate (paired by edit distance)
@@ -79,6 +81,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--swap", type=int, default=6, help="transcripts swapped for the corpus-cleaning check")
     ap.add_argument("--skip_ipa", action="store_true", help="skip the espeak-IPA training")
+    ap.add_argument("--calib", default="25,100",
+                    help="labelled-row counts for the calibration rows (align/calibrate.py); '' = skip")
     a = ap.parse_args()
     w = a.work
     w.mkdir(parents=True, exist_ok=True)
@@ -131,9 +135,30 @@ def main() -> int:
         results[f"HMM-GMM monophone, flat start (MFA-like competitor): {name}"] = summary(
             evaluate({r: ref[r] for r in kept}, {r: hyps[r] for r in kept})[0])
 
+    # calibration (semi-supervised): N labelled rows (reference times) teach the labelling convention; every row
+    # is re-exported with it and scored on the rows nobody labelled, against the uncalibrated default on those rows
+    rows = sorted(ref)
+    tsv_lines = {ln.split("\t", 1)[0]: ln for ln in (corpus / "phones.tsv").read_text(encoding="utf-8").splitlines()}
+    rng_c, fitted = random.Random(a.seed + 1), []
+    for n in [int(x) for x in a.calib.split(",") if x.strip()]:
+        if not 0 < n < len(rows):
+            print(f"--calib {n}: needs 0 < N < {len(rows)} rows; skipped")
+            continue
+        labelled = set(rng_c.sample(rows, n))
+        tsv, cal = w / f"phones_labelled_{n}.tsv", w / f"calibration_{n}.json"
+        tsv.write_text("".join(tsv_lines[r] + "\n" for r in sorted(labelled)), encoding="utf-8")
+        sh(sys.executable, "align/calibrate.py", "--durations", corpus / "durations", "--reference", tsv, "--out", cal)
+        others = [r for r in rows if r not in labelled]
+        results[f"default, rows not labelled ({n} labelled)"] = score(ref, corpus, others)
+        fitted.append((n, cal, others, [r for r in held_out if r not in labelled]))
+    for n, cal, others, held in fitted:
+        timing[f"export calibrated ({n})"] = round(export(corpus, model, "--calibration", cal), 1)
+        results[f"default + calibration ({n} labelled): durations, other rows"] = score(ref, corpus, others)
+        results[f"default + calibration ({n} labelled): durations, other held-out sentences"] = score(ref, corpus, held)
+        results[f"default + calibration ({n} labelled): TextGrids, other rows"] = score(ref, corpus, others, True)
+
     # corpus cleaning: swap K phone transcripts, export, see what is flagged
     rng = random.Random(a.seed)
-    rows = sorted(ref)
     swapped = rng.sample(rows, a.swap)
     bad_tsv = w / "phones_swapped.tsv"
     perm = swapped[1:] + swapped[:1]

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from common import align as A
+from common import calibration
+from common.calibration import Calibration
 from common.audio import AudioDataset, audio_info, length_buckets
 from common.corpus import read_matcha, read_phones_tsv
 from common.durations import (append_alignment, alignment_record, boundaries_to_matcha, matcha_layout,
@@ -67,6 +69,7 @@ class Options:
     refine_minutes: float = 0.0  # >0: wall-clock cap on the refiner's training
     hmm_weight: float = 2 / 3  # refined boundary: (1 - w) x the frame classifier's + w/2 x each HMM-GMM's (0: none)
     precision: str = "auto"  # recognizer's compute: auto (bf16 where the hardware has it), fp32 or bf16
+    calibration: Path | None = None  # boundary offsets from align/calibrate.py (common/calibration.py)
 
 
 @dataclass
@@ -80,6 +83,7 @@ class Item:
     mel_frames: int
     out: Path
     where: str
+    spk: str = ""
     extra: dict = field(default_factory=dict)
 
 
@@ -189,7 +193,7 @@ def prepare_items(opts: Options, vocab, data_folder=None) -> list[Item]:
         else:
             T = matcha_num_frames(n, opts.hop_length)
         out = npy_out[r.id] if opts.fmt == "npy" else pt_duration_path(corpus, r.id)
-        items.append(Item(r.id, r.wav, toks, vocab.encode(toks, r.where), n, sr, T, out, r.where))
+        items.append(Item(r.id, r.wav, toks, vocab.encode(toks, r.where), n, sr, T, out, r.where, r.spk_id))
     return items
 
 
@@ -254,6 +258,7 @@ def export_corpus(opts: Options) -> dict:
     if opts.scores not in A.SCORE_KINDS:
         raise UserError(f"--scores must be one of {', '.join(A.SCORE_KINDS)}")
     precision = resolve_precision(opts.precision, device)
+    cal = Calibration.load(opts.calibration) if opts.calibration else None
     modules, hparams, vocab = load_for_inference(opts.model_dir, device)
     items = prepare_items(opts, vocab, trained_data_folder(opts.model_dir))
     check_feasible(items, hparams, opts.edge_silence)
@@ -283,6 +288,7 @@ def export_corpus(opts: Options) -> dict:
     writer, written = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export-writer"), []
 
     def write(done: list[dict]) -> None:
+        _calibrate(done, cal)
         written.append(writer.submit(_write_all, done, opts, align_file, results, failures))
 
     try:
@@ -295,6 +301,7 @@ def export_corpus(opts: Options) -> dict:
     refine_stats = None
     if refining:
         refine_stats = _refine(passed, vocab, device, opts)
+        _calibrate(passed, cal)
         todo_rels = {it.rel for it in todo}
         audio_s += _write_all([d for d in passed if d["it"].rel in todo_rels], opts, align_file, results, failures)
     flagged = {rel: r["flags"] for rel, r in results.items() if r["flags"]}
@@ -312,6 +319,7 @@ def export_corpus(opts: Options) -> dict:
         "utterances": {rel: {k: r[k] for k in ("confidence", "greedy_per", "frames", "flags")}
                        for rel, r in results.items()},
         "refine": refine_stats,
+        "calibration": None if cal is None else {"file": str(opts.calibration), "boundaries": cal.boundaries},
         "seconds": round(elapsed, 2), "audio_seconds": round(audio_s, 2),
         "realtime_factor": round(audio_s / elapsed, 1) if elapsed > 0 else None,
     }
@@ -400,6 +408,17 @@ def _refine(passed: list[dict], vocab, device: str, opts: Options) -> dict:
     return stats
 
 
+def _calibrate(done: list[dict], cal: Calibration | None) -> None:
+    """Move each utterance's boundaries by the calibrated offsets of their types (``common/calibration.py``)."""
+    if cal is None:
+        return
+    for d in done:
+        it, tokens, hop_s = d["it"], d["units"][0], d["hop_s"]
+        duration = it.num_samples / it.sr
+        ends = calibration.apply(tokens, A.frame_ends_seconds(d["frames"], hop_s, duration), it.spk, cal, hop_s)
+        d["frames"] = A.ends_to_counts(ends, int(np.sum(d["frames"])), hop_s)
+
+
 def _write_all(done: list[dict], opts: Options, align_file: Path, results: dict, failures: dict) -> float:
     """Write every finished utterance; returns the seconds of audio written."""
     audio_s = 0.0
@@ -439,7 +458,7 @@ def _write_one(d: dict, opts: Options, align_file: Path) -> dict:
     rec = alignment_record(it.rel, seq, durs, add_blank=opts.add_blank, sample_rate=it.sr,
                            hop_length=opts.hop_length, aligned_tokens=tokens,
                            aligned_ends_s=[round(float(e), 5) for e in unit_ends],
-                           confidence=[round(float(c), 4) for c in conf], **extra)
+                           confidence=[round(float(c), 4) for c in conf], speaker=it.spk, **extra)
     append_alignment(align_file, rec)
     if opts.textgrid:
         from common.boundaries import spans_from_ends
