@@ -119,7 +119,7 @@ def test_calibrate_cli_and_calibrated_export(tiny_corpus, aligner_model, tmp_pat
     shutil.copytree(tiny_corpus.parent / "corpus", corpus, ignore=shutil.ignore_patterns("durations", "textgrids"))
     export = [sys.executable, ROOT / "align/export_durations.py", "--corpus", corpus, "--model_dir", aligner_model,
               "--no_mels", "--no_progress", "--overwrite"]
-    run(export)
+    run([*export, "--textgrid"])
     ref = read_phones_tsv(corpus / "phones.tsv")
     lines = (corpus / "phones.tsv").read_text(encoding="utf-8").splitlines()
     labelled = sorted(ref)[::2]
@@ -138,6 +138,10 @@ def test_calibrate_cli_and_calibrated_export(tiny_corpus, aligner_model, tmp_pat
         run([sys.executable, ROOT / "align/evaluate.py", "--reference", sub, "--durations", folder, "--out", rep])
         return json.loads(rep.read_text())["overall"]
 
+    own = tmp_path / "own.json"   # the export's own TextGrids as the "hand-checked" ones: nothing to correct
+    run([*calibrate[:-1], own, "--textgrids", corpus / "textgrids"])
+    offsets = json.loads(own.read_text())["offsets_ms"]
+    assert offsets["speaker_pair"] and max(abs(v[0]) for t in offsets.values() for v in t.values()) < 0.5, offsets
     other = tmp_path / "other.tsv"
     other.write_text("nobody/none\ta b\t0.1 0.2\n", encoding="utf-8")
     one_line_error(run([*calibrate, "--reference", other], check=False), "none of the 1 reference rows")
