@@ -24,10 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from align.evaluate import load_textgrid_hyps  # noqa: E402
-from common.boundaries import reference_segments  # noqa: E402
-from common.calibration import boundary_samples, cross_validate, fit  # noqa: E402
-from common.corpus import read_phones_tsv  # noqa: E402
+from common.calibration import boundary_samples, cross_validate, fit, load_reference  # noqa: E402
 from common.durations import read_alignments  # noqa: E402
 from common.io import UserError, cli  # noqa: E402
 
@@ -65,15 +62,7 @@ def main(argv=None) -> int:
                             f"export again without --calibration and fit on that")
         export_info = {k: rep.get(k) for k in ("model_dir", "scores", "add_blank", "hop_length")}
         export_info["refined"] = rep.get("refine") is not None
-    if a.reference is not None:
-        if not a.reference.is_file():
-            raise UserError(f"{a.reference}: reference phones.tsv not found")
-        table = read_phones_tsv(a.reference)
-        refs = {rel: (lambda rel=rel: reference_segments(*table[rel], where=f"{a.reference} ({rel})"))
-                for rel in table}
-    else:
-        grids = load_textgrid_hyps(a.textgrids)
-        refs = {rel: (lambda rel=rel: grids[rel]) for rel in grids}
+    refs = load_reference(a.reference or a.textgrids)
     used = sorted(set(refs) & set(records))
     if not used:
         raise UserError(f"none of the {len(refs)} reference rows is in {a.durations / 'alignments.jsonl'}; their "
@@ -84,7 +73,7 @@ def main(argv=None) -> int:
         if "aligned_tokens" not in rec or "aligned_ends_s" not in rec:
             raise UserError(f"{a.durations / 'alignments.jsonl'} ({rel}): no aligned_tokens/aligned_ends_s; "
                             f"re-run align/export_durations.py")
-        s = boundary_samples(str(rec.get("speaker", "")), rec["aligned_tokens"], rec["aligned_ends_s"], refs[rel]())
+        s = boundary_samples(str(rec.get("speaker", "")), rec["aligned_tokens"], rec["aligned_ends_s"], refs[rel])
         samples += s
         utt_of += [rel] * len(s)
     cv = cross_validate(samples, utt_of, a.shrink, a.folds)

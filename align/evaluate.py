@@ -18,12 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.boundaries import (Segment, collapse_spans, evaluate, format_table, hyp_segments,  # noqa: E402
+from common.boundaries import (Segment, evaluate, format_table, hyp_segments,  # noqa: E402
                                plot_histogram, read_rates)
 from common.corpus import read_phones_tsv  # noqa: E402
 from common.durations import read_alignments, read_durations  # noqa: E402
 from common.io import UserError, cli, write_json  # noqa: E402
-from common.textgrid import read_textgrid  # noqa: E402
+from common.textgrid import read_textgrid_folder  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,15 +76,6 @@ def load_duration_hyps(folder: Path, sample_rate: int | None, hop_length: int | 
     return hyps
 
 
-def load_textgrid_hyps(folder: Path) -> dict[str, list[Segment]]:
-    if not folder.is_dir():
-        raise UserError(f"{folder}: TextGrid folder not found")
-    files = sorted(folder.rglob("*.TextGrid"))
-    if not files:
-        raise UserError(f"{folder}: no *.TextGrid files")
-    return {p.relative_to(folder).with_suffix("").as_posix(): collapse_spans(read_textgrid(p)) for p in files}
-
-
 @cli
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -94,7 +85,7 @@ def main(argv=None) -> int:
     if args.durations is not None:
         hyps = load_duration_hyps(args.durations, args.sample_rate, args.hop_length)
     else:
-        hyps = load_textgrid_hyps(args.textgrids)
+        hyps = read_textgrid_folder(args.textgrids)
     rates = read_rates(args.reference.parent / "corpus_info.json")
     report, errors = evaluate(reference, hyps, rates, worst_n=args.worst)
     report["reference"] = str(args.reference)

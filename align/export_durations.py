@@ -55,6 +55,10 @@ def parse_args(argv=None) -> Options:
     p.add_argument("--calibration", type=Path, metavar="FILE",
                    help="move boundaries by the labelling convention learnt from hand-checked utterances "
                         "(align/calibrate.py writes FILE; fit it on an export with the same settings)")
+    p.add_argument("--labelled", type=Path, metavar="PATH",
+                   help="hand-checked rows: a folder of {rel_path}.TextGrid or a phones.tsv. Their boundaries train "
+                        "the refiner, and the offsets between them and this export's boundaries are applied to every "
+                        "row (saved as DIR/durations/calibration.json)")
     p.add_argument("--textgrid", action="store_true", help="also write DIR/textgrids/{rel_path}.TextGrid")
     p.add_argument("--plots", type=int, default=0, metavar="N", help="PNG plots of N utterances (DIR/durations/plots)")
     p.add_argument("--overwrite", action="store_true", help="recompute existing duration files")

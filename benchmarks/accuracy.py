@@ -12,7 +12,8 @@
    + the competitor: a monophone HMM-GMM aligner (MFA's first stage) trained on the same corpus from a flat start
    (benchmarks/hmm_gmm.py)
    + calibration (semi-supervised, align/calibrate.py): the reference times of N random rows (``--calib``) teach
-   the labelling convention; the default export with it, scored on the other rows
+   the labelling convention; the default export with it, scored on the other rows; and ``--labelled`` (the same
+   rows also train the refiner, then calibrate, in one export)
 4. corpus cleaning: export with K transcripts swapped between utterances and check that the flagged utterances
    (export_report.json) are the ones with large boundary errors
 5. the espeak-IPA path (G2P instead of --phones_tsv): train, export, evaluate (paired by edit distance)
@@ -156,6 +157,12 @@ def main() -> int:
         results[f"default + calibration ({n} labelled): durations, other rows"] = score(ref, corpus, others)
         results[f"default + calibration ({n} labelled): durations, other held-out sentences"] = score(ref, corpus, held)
         results[f"default + calibration ({n} labelled): TextGrids, other rows"] = score(ref, corpus, others, True)
+        # --labelled: the same rows also train the refiner (semi-supervised), then calibrate, in one export
+        t = export(corpus, model, "--labelled", w / f"phones_labelled_{n}.tsv")
+        timing[f"export --labelled ({n})"] = round(t, 1)
+        results[f"--labelled ({n} rows): durations, other rows"] = score(ref, corpus, others)
+        results[f"--labelled ({n} rows): durations, other held-out sentences"] = score(ref, corpus, held)
+        results[f"--labelled ({n} rows): TextGrids, other rows"] = score(ref, corpus, others, True)
 
     # corpus cleaning: swap K phone transcripts, export, see what is flagged
     rng = random.Random(a.seed)
@@ -198,6 +205,17 @@ def main() -> int:
         timing["export ipa"] = round(export(ipa_corpus, model_i), 1)
         results["espeak IPA: durations, all rows (edit-distance pairing)"] = score(ref, ipa_corpus)
         results["espeak IPA: TextGrids, all rows"] = score(ref, ipa_corpus, textgrids=True)
+        if fitted:  # calibration works across phone sets: IPA boundaries paired with festival's by edit distance
+            n, _, others, _ = fitted[-1]
+            cal = w / f"calibration_ipa_{n}.json"
+            sh(sys.executable, "align/calibrate.py", "--durations", ipa_corpus / "durations", "--reference",
+               w / f"phones_labelled_{n}.tsv", "--out", cal)
+            results[f"espeak IPA, rows not labelled ({n} labelled)"] = score(ref, ipa_corpus, others)
+            results[f"espeak IPA, rows not labelled ({n} labelled): TextGrids"] = score(ref, ipa_corpus, others, True)
+            timing[f"export ipa calibrated ({n})"] = round(export(ipa_corpus, model_i, "--calibration", cal), 1)
+            results[f"espeak IPA + calibration ({n} labelled): durations, other rows"] = score(ref, ipa_corpus, others)
+            results[f"espeak IPA + calibration ({n} labelled): TextGrids, other rows"] = score(ref, ipa_corpus,
+                                                                                               others, True)
 
     results["timing_sec"] = timing
     (w / "accuracy.json").write_text(json.dumps(results, indent=2))

@@ -14,7 +14,8 @@ its parent by ``shrink`` pseudo-observations): all boundaries -> speaker -> (spe
 so tokens inside a segment -- blanks, modifiers -- move with it), keeping each segment at least ``min_s`` long.
 
 Boundaries and labels are those of the scored segments (``common.boundaries.collapse_spans``: blanks and silence
-tokens form ``pau`` segments, modifiers merge into their phone), the same ones ``align/evaluate.py`` scores.
+tokens form ``pau`` segments, modifiers merge into their phone), as ``align/evaluate.py`` scores them, except that
+word separators and stress marks (espeak IPA) are not pauses (``segments``).
 """
 from __future__ import annotations
 
@@ -28,19 +29,46 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from common.boundaries import Segment, boundary_pairs, collapse_spans, spans_from_ends
+from common.durations import STRESS_MARKS, WORD_SEP
 from common.io import UserError, write_json
 
 FORMAT = "phone-durations boundary calibration"
 VERSION = 1
 SEP = "\t"
 LEVELS = ("all", "right", "pair", "speaker", "speaker_right", "speaker_pair")
+SPLIT = STRESS_MARKS | {WORD_SEP, " "}  # tokens that hold time in an alignment but mark no pause (punctuation may)
+
+
+def segments(tokens: Sequence[str], ends: Sequence[float]) -> list[Segment]:
+    """The scored segments (``collapse_spans``) of an alignment, except that the time of a run of word separators
+    and stress marks between two tokens is split at its middle between them: such a run marks a word or a stress,
+    not a pause, so its edges are not boundaries to calibrate (on espeak IPA, moving them as pauses made things
+    worse)."""
+    spans = spans_from_ends(tokens, ends)
+    out = list(spans)
+    k = 0
+    while k < len(spans):
+        if spans[k].label.strip() not in SPLIT:
+            k += 1
+            continue
+        j = k
+        while j + 1 < len(spans) and spans[j + 1].label.strip() in SPLIT:
+            j += 1
+        if k > 0 and j + 1 < len(spans):
+            mid = 0.5 * (spans[k].start + spans[j].end)
+            out[k - 1] = out[k - 1]._replace(end=mid)
+            out[j + 1] = out[j + 1]._replace(start=mid)
+            for m in range(k, j + 1):
+                out[m] = Segment(mid, mid, spans[m].label)
+        k = j + 1
+    return collapse_spans(out)
 
 
 def boundary_samples(speaker: str, tokens: Sequence[str], ends: Sequence[float],
                      reference: Sequence[Segment]) -> list[tuple[str, str, str, float]]:
     """``(speaker, left label, right label, reference end - exported end in s)`` for every exported boundary that
     pairs with a reference boundary (one to one, or by edit distance as ``align/evaluate.py`` pairs them)."""
-    hyp = collapse_spans(spans_from_ends(tokens, ends))
+    hyp = segments(tokens, ends)
     pairs, _ = boundary_pairs(list(reference), hyp)
     return [(speaker, hyp[j].label, hyp[j + 1].label, float(reference[i].end - hyp[j].end)) for i, j in pairs]
 
@@ -165,20 +193,54 @@ def apply(tokens: Sequence[str], ends: Sequence[float], speaker: str, cal: Calib
 
     Every scored boundary moves by its type's offset; the segments are kept at least ``min_s`` long (and inside
     the utterance); unit ends inside a segment follow by linear interpolation."""
+    segs = segments(tokens, ends)
+    idx = list(range(len(segs) - 1))
+    return _warp(ends, segs, idx, [segs[j].end + cal.offset(speaker, segs[j].label, segs[j + 1].label) for j in idx],
+                 min_s)
+
+
+def pin_to_reference(tokens: Sequence[str], ends: Sequence[float], reference: Sequence[Segment],
+                     min_s: float) -> np.ndarray:
+    """Unit end times moved onto a reference: each exported boundary paired with a reference boundary (as
+    ``boundary_samples`` pairs them) goes to the reference's time, the others follow by interpolation."""
+    segs = segments(tokens, ends)
+    pairs, _ = boundary_pairs(list(reference), segs)
+    return _warp(ends, segs, [j for _, j in pairs], [reference[i].end for i, _ in pairs], min_s)
+
+
+def _warp(ends: Sequence[float], segs: list[Segment], idx: list[int], targets: list[float],
+          min_s: float) -> np.ndarray:
+    """Move the end of segment ``idx[k]`` to ``targets[k]`` (``idx`` increasing), keeping every non-empty segment at
+    least ``min_s`` long, and map every unit end through the piecewise-linear warp so defined."""
     ends = np.asarray(ends, dtype=np.float64)
-    segs = collapse_spans(spans_from_ends(tokens, ends))
-    if len(segs) < 2:
+    if not idx:
         return ends.copy()
     total = float(ends[-1])
-    old = np.array([s.end for s in segs[:-1]])
-    new = old + np.array([cal.offset(speaker, a.label, b.label) for a, b in zip(segs[:-1], segs[1:])])
-    new = _keep_apart(new, [min_s if s.end > s.start else 0.0 for s in segs], total)
+    nonempty = np.array([s.end > s.start for s in segs], dtype=np.float64)
+    cuts = [0, *[j + 1 for j in idx], len(segs)]          # stretch k = segments cuts[k] .. cuts[k+1]-1
+    min_len = [min_s * float(nonempty[a:b].sum()) for a, b in zip(cuts[:-1], cuts[1:])]
+    old = np.array([segs[j].end for j in idx])
+    new = _keep_apart(np.asarray(targets, dtype=np.float64), min_len, total)
     keep = np.concatenate([[True], np.diff(old) > 0])  # np.interp needs increasing knots (empty segments share one)
     xp = np.concatenate([[0.0], old[keep], [total]])
     fp = np.concatenate([[0.0], new[keep], [total]])
-    if not np.all(np.diff(xp) > 0):
+    if not (np.all(np.diff(xp) > 0) and np.all(np.diff(fp) >= 0)):
         return ends.copy()
     return np.interp(ends, xp, fp)
+
+
+def load_reference(path: str | Path) -> dict[str, list[Segment]]:
+    """Reference segments per row from a ``phones.tsv`` (file) or a folder of ``{rel_path}.TextGrid``."""
+    from common.boundaries import reference_segments
+    from common.corpus import read_phones_tsv
+    from common.textgrid import read_textgrid_folder
+
+    path = Path(path)
+    if path.is_dir():
+        return read_textgrid_folder(path)
+    if not path.is_file():
+        raise UserError(f"{path}: reference not found (a phones.tsv file or a folder of TextGrids)")
+    return {rel: reference_segments(*v, where=f"{path} ({rel})") for rel, v in read_phones_tsv(path).items()}
 
 
 def _keep_apart(bounds: np.ndarray, min_len: Sequence[float], total: float) -> np.ndarray:

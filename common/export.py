@@ -5,8 +5,9 @@ token sequence from the G2P/symbols the model was trained with, model scores, MA
 ``refine`` is off, boundary refinement over the whole corpus (``common/refine.py``: a frame classifier re-trained
 on the corpus' own alignments, then re-aligned at 5 ms; then ``common/hmm.py``: two HMM-GMMs trained by Viterbi
 training, one started from that alignment and one from a flat start; each boundary is the weighted mean of the
-three, ``hmm_weight`` for the two HMMs together); Matcha frames. Everything that
-can be checked is checked before anything is written; every file is written atomically; existing outputs are
+three, ``hmm_weight`` for the two HMMs together); optionally boundary calibration (``common/calibration.py``:
+offsets from ``calibration``, or fitted on the ``labelled`` rows, which also train the refiner); Matcha frames.
+Everything that can be checked is checked before anything is written; every file is written atomically; existing outputs are
 skipped unless ``overwrite`` (so a killed run resumes).
 """
 from __future__ import annotations
@@ -70,6 +71,7 @@ class Options:
     hmm_weight: float = 2 / 3  # refined boundary: (1 - w) x the frame classifier's + w/2 x each HMM-GMM's (0: none)
     precision: str = "auto"  # recognizer's compute: auto (bf16 where the hardware has it), fp32 or bf16
     calibration: Path | None = None  # boundary offsets from align/calibrate.py (common/calibration.py)
+    labelled: Path | None = None  # hand-checked rows (phones.tsv or TextGrid folder): refiner labels + calibration
 
 
 @dataclass
@@ -258,7 +260,11 @@ def export_corpus(opts: Options) -> dict:
     if opts.scores not in A.SCORE_KINDS:
         raise UserError(f"--scores must be one of {', '.join(A.SCORE_KINDS)}")
     precision = resolve_precision(opts.precision, device)
+    if opts.calibration and opts.labelled:
+        raise UserError("give --labelled (calibrate from those rows in this export) or --calibration (offsets "
+                        "fitted before), not both")
     cal = Calibration.load(opts.calibration) if opts.calibration else None
+    reference = calibration.load_reference(opts.labelled) if opts.labelled else None
     modules, hparams, vocab = load_for_inference(opts.model_dir, device)
     items = prepare_items(opts, vocab, trained_data_folder(opts.model_dir))
     check_feasible(items, hparams, opts.edge_silence)
@@ -274,7 +280,14 @@ def export_corpus(opts: Options) -> dict:
     results: dict[str, dict] = {}
     failures: dict[str, str] = {}
     refining = opts.refine and bool(todo)
-    first = items if refining else todo  # the refiner learns from every row, even those already written
+    collect = refining or (reference is not None and bool(todo))  # every row's first pass before writing any
+    first = items if collect else todo  # the refiner learns from every row, even those already written
+    labelled = {}
+    if reference is not None and collect:
+        labelled = {i: reference[it.rel] for i, it in enumerate(first) if it.rel in reference}
+        if not labelled:
+            raise UserError(f"{opts.labelled}: none of its {len(reference)} row(s) is in {opts.corpus}'s metadata; "
+                            f"name them by rel_path (e.g. {first[0].rel if first else 'voice/utt'})")
     loader = torch.utils.data.DataLoader(AudioDataset([it.wav for it in first], model_sr),
                                          batch_sampler=batches_by_length(first, opts.batch_seconds),
                                          collate_fn=_collate, num_workers=1 if len(first) > 1 else 0)
@@ -282,7 +295,7 @@ def export_corpus(opts: Options) -> dict:
     use_amp = precision == "bf16"
     audio_s = 0.0
     passed: list[dict | None] = [None] * len(first)
-    bar = tqdm(total=len(first), desc="export" if not refining else "first pass", unit="utt",
+    bar = tqdm(total=len(first), desc="export" if not collect else "first pass", unit="utt",
                disable=not opts.progress)
     # without refinement, one background thread writes each finished batch (in order) while the next one runs
     writer, written = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export-writer"), []
@@ -293,14 +306,20 @@ def export_corpus(opts: Options) -> dict:
 
     try:
         _first_pass(loader, first, modules, hparams, device, opts, use_amp, hop_s, passed, plots, bar,
-                    None if refining else write)
+                    None if collect else write)
     finally:
         writer.shutdown(wait=True)
     audio_s += sum(f.result() for f in written)
     bar.close()
     refine_stats = None
     if refining:
-        refine_stats = _refine(passed, vocab, device, opts)
+        refine_stats = _refine(passed, vocab, device, opts, labelled)
+    cal_info = None if cal is None else {"file": str(opts.calibration), "boundaries": cal.boundaries}
+    if labelled:
+        cal = _fit_labelled(passed, labelled, report_dir / "calibration.json", opts)
+        cal_info = {"labelled": str(opts.labelled), "labelled_rows": len(labelled), "boundaries": cal.boundaries,
+                    "file": str(report_dir / "calibration.json")}
+    if collect:
         _calibrate(passed, cal)
         todo_rels = {it.rel for it in todo}
         audio_s += _write_all([d for d in passed if d["it"].rel in todo_rels], opts, align_file, results, failures)
@@ -319,7 +338,7 @@ def export_corpus(opts: Options) -> dict:
         "utterances": {rel: {k: r[k] for k in ("confidence", "greedy_per", "frames", "flags")}
                        for rel, r in results.items()},
         "refine": refine_stats,
-        "calibration": None if cal is None else {"file": str(opts.calibration), "boundaries": cal.boundaries},
+        "calibration": cal_info,
         "seconds": round(elapsed, 2), "audio_seconds": round(audio_s, 2),
         "realtime_factor": round(audio_s / elapsed, 1) if elapsed > 0 else None,
     }
@@ -363,9 +382,10 @@ def _first_pass(loader, first: list[Item], modules, hparams, device: str, opts: 
         bar.update(len(batch))
 
 
-def _refine(passed: list[dict], vocab, device: str, opts: Options) -> dict:
+def _refine(passed: list[dict], vocab, device: str, opts: Options, labelled: dict) -> dict:
     """Replace every first-pass alignment by the refined one (unit frames on a 1 ms grid when the HMM-GMM pass
-    runs, else at the refiner's 5 ms hop); returns stats."""
+    runs, else at the refiner's 5 ms hop); returns stats. ``labelled[i]``: reference segments of row ``i``, whose
+    boundaries become the refiner's training labels for that row."""
     from common.audio import load_audio
     from common.hmm import FLAT_START_SCHEDULE, MFCC, HMMConfig, hmm_realign
     from common.refine import RefineConfig, refine, unit_label_ids
@@ -385,7 +405,9 @@ def _refine(passed: list[dict], vocab, device: str, opts: Options) -> dict:
     durations = [d["it"].num_samples / d["it"].sr for d in passed]
     first_ends = [A.frame_ends_seconds(d["frames"], d["hop_s"], t) for d, t in zip(passed, durations)]
     log = (lambda m: print(m, flush=True)) if opts.progress else None
-    counts, confs, stats = refine(load, len(passed), unit_ids, first_ends, len(vocab), cfg, device, log)
+    fixed = {i: calibration.pin_to_reference(passed[i]["units"][0], first_ends[i], ref, cfg.hop_ms / 1000.0)
+             for i, ref in labelled.items()}
+    counts, confs, stats = refine(load, len(passed), unit_ids, first_ends, len(vocab), cfg, device, log, fixed)
     if mfcc is None:
         for d, c, rc in zip(passed, counts, confs):
             d.update(frames=c, hop_s=cfg.hop_ms / 1000.0, refine_conf=rc)
@@ -406,6 +428,19 @@ def _refine(passed: list[dict], vocab, device: str, opts: Options) -> dict:
         e = sum(w * m for w, m in have) / total if total > 0 else ends[i]
         d.update(frames=A.ends_to_counts(e, int(round(t / grid)), grid), hop_s=grid, refine_conf=rc)
     return stats
+
+
+def _fit_labelled(passed: list[dict], labelled: dict, out: Path, opts: Options) -> Calibration:
+    """Calibration offsets from the labelled rows of this export (``common/calibration.py``), saved to ``out``."""
+    samples = []
+    for i, ref in labelled.items():
+        d = passed[i]
+        ends = A.frame_ends_seconds(d["frames"], d["hop_s"], d["it"].num_samples / d["it"].sr)
+        samples += calibration.boundary_samples(d["it"].spk, d["units"][0], ends, ref)
+    cal = calibration.fit(samples, info={"utterances": len(labelled), "boundaries": len(samples),
+                                         "reference": str(opts.labelled), "refined": opts.refine})
+    cal.save(out)
+    return cal
 
 
 def _calibrate(done: list[dict], cal: Calibration | None) -> None:

@@ -219,10 +219,13 @@ def realign(model: FrameClassifier, feats: list[torch.Tensor], unit_ids: list[li
 
 
 def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[np.ndarray], n_tokens: int,
-           cfg: RefineConfig, device: str = "cpu", log=None) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
+           cfg: RefineConfig, device: str = "cpu", log=None,
+           fixed_ends_s: dict[int, np.ndarray] | None = None) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
     """The whole loop. ``load_wav(i)`` gives utterance ``i``'s waveform at ``cfg.sample_rate`` (read once; only its
     features are kept, in fp16: ~1.2 GB per 10 hours); ``first_ends_s[i]`` the end time (s) of each of its
-    ``unit_ids[i]`` (class ids < ``n_tokens``). Returns (per-unit frame counts at ``cfg.hop_ms``, per-unit
+    ``unit_ids[i]`` (class ids < ``n_tokens``). ``fixed_ends_s[i]``: hand-checked unit end times of utterance
+    ``i``; its training labels stay those in every round, with no unsure margin (semi-supervised: the classifier
+    learns where the labeller puts boundaries). Returns (per-unit frame counts at ``cfg.hop_ms``, per-unit
     confidence = mean classifier posterior over its frames, stats)."""
     torch.manual_seed(cfg.seed)
     t0 = time.time()
@@ -234,16 +237,19 @@ def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[
         feats.append(fx(w).half())
         durations.append(len(w) / cfg.sample_rate)
     train_idx, acc = sample_hours(list(range(n_utts)), durations, cfg.max_train_hours, cfg.seed)
+    fixed = {i: np.asarray(e, dtype=np.float64) for i, e in (fixed_ends_s or {}).items()}
+    if fixed:
+        train_idx = sorted(set(train_idx) | set(fixed))
     model = FrameClassifier(n_tokens, feats[0].shape[1], cfg.channels, tuple(cfg.dilations), cfg.kernel).to(device)
-    ends = [np.asarray(e, dtype=np.float64) for e in first_ends_s]
-    stats = {"rounds": [], "train_utts": len(train_idx), "train_audio_s": round(acc, 1),
+    ends = [fixed.get(i, np.asarray(e, dtype=np.float64)) for i, e in enumerate(first_ends_s)]
+    stats = {"rounds": [], "train_utts": len(train_idx), "train_audio_s": round(acc, 1), "fixed_utts": len(fixed),
              "features_s": round(time.time() - t0, 1)}
     counts: list[np.ndarray] = []
     confs: list[np.ndarray] = []
     for r in range(max(1, cfg.rounds)):
         margin = cfg.margin_ms / 1000.0 * cfg.margin_decay ** r
-        labels = [frame_labels(unit_ids[i], ends[i], feats[i].shape[0], fx.hop_s, margin, cfg.margin_frac)
-                  for i in range(n_utts)]
+        labels = [frame_labels(unit_ids[i], ends[i], feats[i].shape[0], fx.hop_s, 0.0 if i in fixed else margin,
+                               cfg.margin_frac) for i in range(n_utts)]
         losses = train_classifier(model, [feats[i] for i in train_idx], [labels[i] for i in train_idx],
                                   cfg.epochs if r == 0 else cfg.epochs_later, cfg, deadline, device, log)
         priors = log_priors([labels[i] for i in train_idx], n_tokens)
@@ -251,7 +257,7 @@ def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[
         new_ends = [A.frame_ends_seconds(c, fx.hop_s, d) for c, d in zip(counts, durations)]
         inner = np.concatenate([np.abs(a[:-1] - b[:-1]) for a, b in zip(new_ends, ends)])
         moved = float(inner.mean()) * 1000 if inner.size else 0.0
-        ends = new_ends
+        ends = [fixed.get(i, e) for i, e in enumerate(new_ends)]
         stats["rounds"].append({"epochs": len(losses), "frame_loss": round(losses[-1], 4) if losses else None,
                                 "mean_boundary_move_ms": round(moved, 2)})
         if log:

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from praatio import textgrid
 
-from common.boundaries import Segment, normalize_label, token_spans, SIL
+from common.boundaries import Segment, collapse_spans, normalize_label, token_spans, SIL
 from common.durations import PUNCTUATION, is_acoustic
 from common.io import UserError, atomic_path
 from common.vocab import WORD_SEP
@@ -93,3 +93,15 @@ def read_textgrid(path: str | os.PathLike, tier: str = PHONES) -> list[Segment]:
     if tg.maxTimestamp > t:
         out.append(Segment(t, float(tg.maxTimestamp), ""))
     return out
+
+
+def read_textgrid_folder(folder: str | os.PathLike) -> dict[str, list[Segment]]:
+    """``{rel_path: scored segments}`` of every ``folder/{rel_path}.TextGrid`` (tier ``phones``; blanks and silence
+    -> ``pau``, as ``common.boundaries.collapse_spans``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: TextGrid folder not found")
+    files = sorted(folder.rglob("*.TextGrid"))
+    if not files:
+        raise UserError(f"{folder}: no *.TextGrid files")
+    return {p.relative_to(folder).with_suffix("").as_posix(): collapse_spans(read_textgrid(p)) for p in files}

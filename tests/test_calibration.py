@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from common.boundaries import collapse_spans, spans_from_ends
-from common.calibration import Calibration, apply, boundary_samples, cross_validate, fit
+from common.calibration import Calibration, apply, boundary_samples, cross_validate, fit, segments
 from common.corpus import read_phones_tsv
 from common.durations import matcha_num_frames, read_alignments, read_durations
 from common.io import UserError
@@ -93,6 +93,24 @@ def test_apply_keeps_order_minimum_length_and_moves_inner_tokens():
     assert moved[2] > moved[1] and moved[2] < moved[3]      # ... the blank's end follows within its gap
 
 
+def test_word_separators_and_stress_marks_are_not_pauses():
+    """espeak IPA alignments give ``|`` and stress marks time: it is split between the neighbours, so no pause
+    boundary appears there; punctuation and silence stay pauses."""
+    tokens = ["<sil>", "ˈ", "a", "|", "ˌ", "b", ",", "c", "<sil>"]
+    ends = [0.10, 0.12, 0.20, 0.22, 0.24, 0.30, 0.40, 0.50, 0.60]
+    segs = segments(tokens, ends)
+    assert [(s.label, round(s.start, 3), round(s.end, 3)) for s in segs] == [
+        ("pau", 0.0, 0.11), ("a", 0.11, 0.22), ("b", 0.22, 0.3), ("pau", 0.3, 0.4), ("c", 0.4, 0.5),
+        ("pau", 0.5, 0.6)]
+    cal = Calibration()
+    cal.tables["all"][()] = cal.tables["speaker"][("s",)] = (0.0, 2)
+    cal.tables["speaker_pair"][("s", "a", "b")] = (0.01, 1)
+    moved = apply(tokens, ends, "s", cal, 0.001)
+    assert moved[3] == pytest.approx(0.23)                              # a|b, the middle of "| ˌ", +10 ms
+    assert moved[0] == pytest.approx(0.10) and moved[5:] == pytest.approx(ends[5:])   # other boundaries stay
+    assert np.all(np.diff(moved) > 0)
+
+
 def test_save_load_round_trip_and_bad_files(tmp_path, biased):
     cal = fit(biased[2], shrink=2.0, info={"utterances": 150})
     path = tmp_path / "cal.json"
@@ -162,6 +180,22 @@ def test_calibrate_cli_and_calibrated_export(tiny_corpus, aligner_model, tmp_pat
     assert rep["calibration"]["boundaries"] == info["boundaries"]
     one_line_error(run([*calibrate, "--reference", sub], check=False), "already calibrated")
     one_line_error(run([*export, "--calibration", tmp_path / "nope.json"], check=False), "nope.json", "not found")
+    one_line_error(run([*export, "--calibration", cal, "--labelled", sub], check=False), "not both")
+    one_line_error(run([*export, "--labelled", other], check=False), "none of its 1 row(s)")
+
+    # one step: the labelled rows train the refiner, then calibrate every row
+    run([*export, "--labelled", sub])
+    semi = _evaluate_subset(corpus, labelled, sub_records, labelled_error)
+    print("labelled rows with --labelled:", semi["mean_ms"])
+    assert semi["mean_ms"] < 0.9 * before["mean_ms"], (before, semi)
+    rep = json.loads((corpus / "durations" / "export_report.json").read_text())
+    assert rep["calibration"]["labelled_rows"] == len(labelled) and rep["refine"]["fixed_utts"] == len(labelled)
+    saved = Calibration.load(corpus / "durations" / "calibration.json")
+    assert saved.info["utterances"] == len(labelled) and saved.boundaries == rep["calibration"]["boundaries"]
+    records = read_alignments(corpus / "durations" / "alignments.jsonl")
+    assert set(records) == set(ref) and all(
+        sum(r["durations"]) == matcha_num_frames(sf.info(str(corpus / "wavs" / f"{rel}.wav")).frames, 256)
+        for rel, r in records.items())
 
 
 def _evaluate_subset(corpus, rels, folder, evaluate):
