@@ -28,7 +28,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from common.boundaries import Segment, boundary_pairs, collapse_spans, spans_from_ends
+from common.boundaries import Segment, boundary_pairs, collapse_spans, reference_segments, spans_from_ends
+from common.corpus import read_phones_tsv
 from common.durations import STRESS_MARKS, WORD_SEP
 from common.io import UserError, write_json
 
@@ -180,6 +181,7 @@ def cross_validate(samples: Sequence[tuple[str, str, str, float]], utt_of: Seque
         for k in np.nonzero(fold == f)[0]:
             spk, left, right, o = samples[k]
             res[k] = o - cal.offset(spk, left, right)
+
     def stats(err_s: np.ndarray) -> dict:
         ms = np.abs(err_s) * 1000.0
         return {"mean_ms": round(float(ms.mean()), 3), "within_20ms": round(float((ms <= 20).mean() * 100), 2)}
@@ -231,9 +233,7 @@ def _warp(ends: Sequence[float], segs: list[Segment], idx: list[int], targets: l
 
 def load_reference(path: str | Path) -> dict[str, list[Segment]]:
     """Reference segments per row from a ``phones.tsv`` (file) or a folder of ``{rel_path}.TextGrid``."""
-    from common.boundaries import reference_segments
-    from common.corpus import read_phones_tsv
-    from common.textgrid import read_textgrid_folder
+    from common.textgrid import read_textgrid_folder  # praatio: only when reading TextGrids
 
     path = Path(path)
     if path.is_dir():
@@ -244,14 +244,13 @@ def load_reference(path: str | Path) -> dict[str, list[Segment]]:
 
 
 def _keep_apart(bounds: np.ndarray, min_len: Sequence[float], total: float) -> np.ndarray:
-    """Clamp moved boundaries so that segment k (ending at ``bounds[k]``, the last one at ``total``) keeps at least
-    ``min_len[k]`` and the order is kept; ``min_len`` of a segment that was empty is 0."""
-    b = bounds.copy()
+    """Clamp moved boundaries so that stretch k (ending at ``bounds[k]``, the last one at ``total``) keeps at least
+    ``min_len[k]`` and the order is kept."""
     lo = np.cumsum(min_len)[:-1]                       # the least each boundary can be from the start
     hi = total - np.cumsum(min_len[::-1])[::-1][1:]    # ... and from the end
     if np.any(lo > hi + 1e-12):
         return bounds.copy()
-    b = np.clip(b, lo, hi)
+    b = np.clip(bounds, lo, hi)
     for k in range(1, len(b)):                          # forward: each segment keeps its minimum
         b[k] = max(b[k], b[k - 1] + min_len[k])
     for k in range(len(b) - 2, -1, -1):                 # backward: room for the segments after it

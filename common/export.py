@@ -7,8 +7,8 @@ on the corpus' own alignments, then re-aligned at 5 ms; then ``common/hmm.py``: 
 training, one started from that alignment and one from a flat start; each boundary is the weighted mean of the
 three, ``hmm_weight`` for the two HMMs together); optionally boundary calibration (``common/calibration.py``:
 offsets from ``calibration``, or fitted on the ``labelled`` rows, which also train the refiner); Matcha frames.
-Everything that can be checked is checked before anything is written; every file is written atomically; existing outputs are
-skipped unless ``overwrite`` (so a killed run resumes).
+Everything that can be checked is checked before anything is written; every file is written atomically; existing
+outputs are skipped unless ``overwrite`` (so a killed run resumes).
 """
 from __future__ import annotations
 
@@ -403,7 +403,7 @@ def _refine(passed: list[dict], vocab, device: str, opts: Options, labelled: dic
 
     unit_ids = [unit_label_ids(d["it"].ids, d["units"][1], d["units"][2], BLANK_ID) for d in passed]
     durations = [d["it"].num_samples / d["it"].sr for d in passed]
-    first_ends = [A.frame_ends_seconds(d["frames"], d["hop_s"], t) for d, t in zip(passed, durations)]
+    first_ends = [_unit_ends(d) for d in passed]
     log = (lambda m: print(m, flush=True)) if opts.progress else None
     fixed = {i: calibration.pin_to_reference(passed[i]["units"][0], first_ends[i], ref, cfg.hop_ms / 1000.0)
              for i, ref in labelled.items()}
@@ -435,8 +435,7 @@ def _fit_labelled(passed: list[dict], labelled: dict, out: Path, opts: Options) 
     samples = []
     for i, ref in labelled.items():
         d = passed[i]
-        ends = A.frame_ends_seconds(d["frames"], d["hop_s"], d["it"].num_samples / d["it"].sr)
-        samples += calibration.boundary_samples(d["it"].spk, d["units"][0], ends, ref)
+        samples += calibration.boundary_samples(d["it"].spk, d["units"][0], _unit_ends(d), ref)
     cal = calibration.fit(samples, info={"utterances": len(labelled), "boundaries": len(samples),
                                          "reference": str(opts.labelled), "refined": opts.refine})
     cal.save(out)
@@ -448,10 +447,13 @@ def _calibrate(done: list[dict], cal: Calibration | None) -> None:
     if cal is None:
         return
     for d in done:
-        it, tokens, hop_s = d["it"], d["units"][0], d["hop_s"]
-        duration = it.num_samples / it.sr
-        ends = calibration.apply(tokens, A.frame_ends_seconds(d["frames"], hop_s, duration), it.spk, cal, hop_s)
-        d["frames"] = A.ends_to_counts(ends, int(np.sum(d["frames"])), hop_s)
+        ends = calibration.apply(d["units"][0], _unit_ends(d), d["it"].spk, cal, d["hop_s"])
+        d["frames"] = A.ends_to_counts(ends, int(np.sum(d["frames"])), d["hop_s"])
+
+
+def _unit_ends(d: dict) -> np.ndarray:
+    """End time (s) of each aligned unit of a finished utterance (its frame counts at its hop)."""
+    return A.frame_ends_seconds(d["frames"], d["hop_s"], d["it"].num_samples / d["it"].sr)
 
 
 def _write_all(done: list[dict], opts: Options, align_file: Path, results: dict, failures: dict) -> float:
@@ -476,7 +478,7 @@ def _write_one(d: dict, opts: Options, align_file: Path) -> dict:
     seq, counts = matcha_layout(tokens, frames.tolist(), add_blank=opts.add_blank)
     ends = A.frame_ends_seconds(np.asarray(counts), hop_s, duration)
     durs = boundaries_to_matcha(ends, it.mel_frames, it.sr, opts.hop_length)
-    unit_ends = A.frame_ends_seconds(frames, hop_s, duration)
+    unit_ends = _unit_ends(d)
     phone_s = np.diff(np.concatenate([[0.0], unit_ends]))
     flags = []
     if conf.mean() < opts.low_conf:
