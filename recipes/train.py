@@ -774,5 +774,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def _close_process_group() -> None:
+    """DDP: leave the process group before the interpreter exits. Left to the interpreter's teardown, gloo's worker
+    threads are sometimes destroyed while still joinable and a rank aborts ("terminate called without an active
+    exception", SIGABRT) after a successful run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        rc = main()
+    finally:
+        _close_process_group()
+    sys.exit(rc)
