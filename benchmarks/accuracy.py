@@ -156,14 +156,14 @@ def main() -> int:
         sh(sys.executable, "align/calibrate.py", "--durations", corpus / "durations", "--reference", tsv, "--out", cal)
         others = [r for r in rows if r not in labelled]
         results[f"default, rows not labelled ({n} labelled)"] = score(ref, corpus, others)
-        fitted.append((n, cal, others, [r for r in held_out if r not in labelled]))
-    for n, cal, others, held in fitted:
+        fitted.append((n, tsv, cal, others, [r for r in held_out if r not in labelled]))
+    for n, tsv, cal, others, held in fitted:
         timing[f"export calibrated ({n})"] = round(export(corpus, model, "--calibration", cal), 1)
         results[f"default + calibration ({n} labelled): durations, other rows"] = score(ref, corpus, others)
         results[f"default + calibration ({n} labelled): durations, other held-out sentences"] = score(ref, corpus, held)
         results[f"default + calibration ({n} labelled): TextGrids, other rows"] = score(ref, corpus, others, True)
         # --labelled: the same rows also train the refiner (semi-supervised), then calibrate, in one export
-        t = export(corpus, model, "--labelled", w / f"phones_labelled_{n}.tsv")
+        t = export(corpus, model, "--labelled", tsv)
         timing[f"export --labelled ({n})"] = round(t, 1)
         results[f"--labelled ({n} rows): durations, other rows"] = score(ref, corpus, others)
         results[f"--labelled ({n} rows): durations, other held-out sentences"] = score(ref, corpus, held)
@@ -211,10 +211,10 @@ def main() -> int:
         results["espeak IPA: durations, all rows (edit-distance pairing)"] = score(ref, ipa_corpus)
         results["espeak IPA: TextGrids, all rows"] = score(ref, ipa_corpus, textgrids=True)
         if fitted:  # calibration works across phone sets: IPA boundaries paired with festival's by edit distance
-            n, _, others, _ = fitted[-1]
+            n, tsv, _, others, _ = fitted[-1]
             cal = w / f"calibration_ipa_{n}.json"
-            sh(sys.executable, "align/calibrate.py", "--durations", ipa_corpus / "durations", "--reference",
-               w / f"phones_labelled_{n}.tsv", "--out", cal)
+            sh(sys.executable, "align/calibrate.py", "--durations", ipa_corpus / "durations", "--reference", tsv,
+               "--out", cal)
             results[f"espeak IPA, rows not labelled ({n} labelled)"] = score(ref, ipa_corpus, others)
             results[f"espeak IPA, rows not labelled ({n} labelled): TextGrids"] = score(ref, ipa_corpus, others, True)
             timing[f"export ipa calibrated ({n})"] = round(export(ipa_corpus, model_i, "--calibration", cal), 1)
