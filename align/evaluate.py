@@ -8,7 +8,7 @@
 record against its duration file ``DIR/{rel_path}.pt`` / ``.npy``. ``--sample_rate`` / ``--hop_length`` fill in
 records that lack them and must agree with records that have them. ``--textgrids DIR`` scores the ``phones`` tier
 of ``DIR/{rel_path}.TextGrid``. Speaking rates come from ``corpus_info.json`` beside ``phones.tsv`` when present.
-Scoring rules: ``common/boundaries.py``. Prints a table; ``--out`` writes the JSON report, ``--plot`` a histogram.
+Scoring rules: ``common/boundary_eval.py``. Prints a table; ``--out`` writes the JSON report, ``--plot`` a histogram.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.boundaries import (Segment, evaluate, format_table, hyp_segments,  # noqa: E402
+from common.boundary_eval import (Segment, evaluate, format_table, hyp_segments,  # noqa: E402
                                plot_histogram, read_rates)
 from common.corpus import read_phones_tsv  # noqa: E402
 from common.durations import read_alignments, read_durations  # noqa: E402

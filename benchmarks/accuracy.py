@@ -5,6 +5,7 @@
 
 1. synthesize a festival corpus (its own seed, and the second half of our sentence list: the tests use the first)
 2. manifests with ``--phones_tsv`` (festival phones; test split = sentences never seen in training), train
+   (stages 0-1 of ``recipes/pipeline.py``, in WORK/phones; the IPA run in WORK/ipa)
 3. export durations for every row (+ TextGrids): the first pass alone with each score kind (ctc / attention /
    joint) and with / without CTC anchoring, the neural refinement alone (common/refine.py, ``--hmm_weight 0``),
    then the default (joint + neural refinement + HMM-GMM pass, common/hmm.py); evaluate against festival's phone
@@ -34,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.hmm_gmm import align_flat_start  # noqa: E402
-from common.boundaries import collapse_spans, evaluate, hyp_segments, spans_from_ends  # noqa: E402
+from common.pipeline import Pipeline  # noqa: E402
+from common.boundary_eval import collapse_spans, evaluate, hyp_segments, spans_from_ends  # noqa: E402
 from common.textgrid import read_textgrid  # noqa: E402
 from common.corpus import read_phones_tsv  # noqa: E402
 from common.durations import read_alignments  # noqa: E402
@@ -57,7 +59,7 @@ def score(ref: dict, corpus: Path, ids=None, textgrids: bool = False) -> dict:
 
 
 def summary(rep: dict) -> dict:
-    """The figures a row of the table needs from a ``common.boundaries.evaluate`` report."""
+    """The figures a row of the table needs from a ``common.boundary_eval.evaluate`` report."""
     return {**rep["overall"], "speech_silence_mean_ms": rep["by_edge"].get("speech-silence", {}).get("mean_ms"),
             "one_to_one": rep["one_to_one_utterances"], "utts": rep["utterances"],
             "scored": rep["scored_boundaries"], "ref_boundaries": rep["reference_boundaries"]}
@@ -103,19 +105,15 @@ def main() -> int:
     epochs = ["--number_of_epochs", a.epochs] if a.epochs else []
     results, timing = {}, {}
 
-    def train(man: Path, out: Path, *prep):
-        if not (man / "tokens.txt").is_file():
-            sh(sys.executable, "data_prep/make_manifests.py", "--corpus", corpus, "--out", man, "--split_by", "text",
-               "--valid_fraction", 0.08, "--test_fraction", 0.12, "--seed", a.seed, "--no_progress", *prep)
-        if not (out / "metrics.json").is_file():
-            t = time.time()
-            sh(sys.executable, "recipes/train.py", "hparams/phoneme.yaml", "--data_folder", man, "--output_folder",
-               out, "--noprogressbar", *epochs)
-            timing[f"train {out.name}"] = round(time.time() - t, 1)
-        return json.loads((out / "metrics.json").read_text())
+    def train(name: str, *prep) -> tuple[Path, Path, dict]:
+        """Stages 0-1 of the pipeline (manifests, training) in WORK/<name>; skipped when already done."""
+        pipe = Pipeline(corpus, w / name, train=["--noprogressbar", *map(str, epochs)],
+                        prep=["--split_by", "text", "--valid_fraction", "0.08", "--test_fraction", "0.12", "--seed",
+                              str(a.seed), "--no_progress", *map(str, prep)])
+        timing.update({f"{stage} {name}": s for stage, s in pipe.run(0, 1).items()})
+        return pipe.manifests, pipe.model, json.loads((pipe.model / "metrics.json").read_text())
 
-    man, model = w / "man_phones", w / "model_phones"
-    m = train(man, model, "--phones_tsv", corpus / "phones.tsv")
+    man, model, m = train("phones", "--phones_tsv", corpus / "phones.tsv")
     results["PER festival phones (held-out sentences)"] = per_of(m)
     held_out = ids_of(man / "test.csv")
     first_pass = ["--no_refine"]
@@ -199,8 +197,7 @@ def main() -> int:
     }
 
     if not a.skip_ipa:
-        man_i, model_i = w / "man_ipa", w / "model_ipa"
-        m = train(man_i, model_i)
+        _, model_i, m = train("ipa")
         results["PER espeak IPA (held-out sentences)"] = per_of(m)
         ipa_corpus = w / "corpus_ipa"
         if not ipa_corpus.exists():

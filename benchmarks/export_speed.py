@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.export import Options, export_corpus  # noqa: E402
+from common.export import export_corpus, load_options  # noqa: E402
 
 
 def run(corpus: Path, model: Path, device: str, **kw) -> dict:
@@ -33,8 +33,10 @@ def run(corpus: Path, model: Path, device: str, **kw) -> dict:
         work = Path(tmp) / "corpus"
         shutil.copytree(corpus, work, ignore=shutil.ignore_patterns("durations", "textgrids", "mels"))
         t = time.time()
-        rep = export_corpus(Options(corpus=work, model_dir=model, device=device, no_mels=True, progress=False, **kw))
+        rep = export_corpus(load_options(dict(corpus=work, model_dir=model, device=device, no_mels=True,
+                                              progress=False, **kw)))
         rep["wall"] = time.time() - t
+        rep["audio_seconds"] = rep["timing"]["audio_seconds"]
         return rep
 
 

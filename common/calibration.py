@@ -13,7 +13,7 @@ its parent by ``shrink`` pseudo-observations): all boundaries -> speaker -> (spe
 (left, right). ``apply`` moves every boundary of an utterance by its type's offset (a piecewise-linear time warp,
 so tokens inside a segment -- blanks, modifiers -- move with it), keeping each segment at least ``min_s`` long.
 
-Boundaries and labels are those of the scored segments (``common.boundaries.collapse_spans``: blanks and silence
+Boundaries and labels are those of the scored segments (``common.boundary_eval.collapse_spans``: blanks and silence
 tokens form ``pau`` segments, modifiers merge into their phone), as ``align/evaluate.py`` scores them, except that
 word separators and stress marks (espeak IPA) are not pauses (``segments``).
 """
@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from common.boundaries import Segment, boundary_pairs, collapse_spans, reference_segments, spans_from_ends
+from common.boundary_eval import Segment, boundary_pairs, collapse_spans, reference_segments, spans_from_ends
 from common.corpus import read_phones_tsv
 from common.durations import STRESS_MARKS, WORD_SEP
 from common.io import UserError, write_json

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from common import model as M
+from common.io import UserError
 from common.vocab import BLANK_ID, BOS_ID, EOS_ID
 
 DECODERS = ("ctc_greedy", "ctc_beam", "attention")
@@ -172,12 +173,13 @@ class AdjustedCTCHead(nn.Module):
         return adjust_log_probs(self.ctc_lin(x), self.temperature, self.blank_penalty, self.blank_id)
 
 
-def build_attention_searcher(modules, hparams, vocab_size: int, beam_size: int = 8, ctc_weight: float = 0.4,
+def build_attention_searcher(modules, hparams, vocab_size: int, *, beam_size: int, ctc_weight: float,
                              temperature: float = 1.0, blank_penalty: float = 0.0, insertion_bonus: float = 0.0,
                              lm=None, lm_weight: float = 0.0):
     """``S2SRNNBeamSearcher`` over the model's emb/dec/seq_lin, joint with ``CTCScorer`` (weight ``ctc_weight``),
     ``LengthScorer`` (weight ``insertion_bonus``) and a phone n-gram LM (``common.phone_lm``, weight
-    ``lm_weight``)."""
+    ``lm_weight``). The recipe's yaml declares it (``attention_searcher: !name:...`` with the run's
+    ``beam_size`` / ``beam_ctc_weight``): the test stage and recipes/decode.py call that one."""
     from speechbrain.decoders.scorer import CTCScorer, LengthScorer
     from speechbrain.decoders.seq2seq import S2SRNNBeamSearcher
 
@@ -198,17 +200,18 @@ def build_attention_searcher(modules, hparams, vocab_size: int, beam_size: int =
     return S2SRNNBeamSearcher(
         embedding=modules["emb"], decoder=modules["dec"], linear=modules["seq_lin"], temperature=float(temperature),
         bos_index=BOS_ID, eos_index=EOS_ID, beam_size=int(beam_size), scorer=scorer,
-        min_decode_ratio=float(_get(hparams, "min_decode_ratio", 0.0)),
-        max_decode_ratio=float(_get(hparams, "max_decode_ratio", 0.4)),
+        min_decode_ratio=float(_get(hparams, "min_decode_ratio")),
+        max_decode_ratio=float(_get(hparams, "max_decode_ratio")),
         length_normalization=not insertion_bonus,
     )
 
 
-def _get(hparams, key, default):
+def _get(hparams, key):
+    """``hparams[key]`` of a yaml dict or of a Brain's hparams namespace."""
     try:
         return hparams[key]
-    except (KeyError, TypeError):
-        return getattr(hparams, key, default)
+    except TypeError:
+        return getattr(hparams, key)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -226,8 +229,6 @@ class DecodeOptions:
     lm: object = None
 
     def check(self) -> "DecodeOptions":
-        from common.io import UserError
-
         if self.decoder not in DECODERS:
             raise UserError(f"--decoder {self.decoder!r}: choose one of {', '.join(DECODERS)}")
         if not self.temperature > 0:
@@ -277,9 +278,14 @@ class PhonemeDecoder:
             finally:
                 sb_log.setLevel(level)
         elif o.decoder == "attention":
-            self.searcher = build_attention_searcher(modules, hparams, len(vocab), o.beam_size, o.ctc_weight,
-                                                     o.temperature, o.blank_penalty, o.insertion_bonus, o.lm,
-                                                     o.lm_weight)
+            try:
+                build = _get(hparams, "attention_searcher")  # the run's yaml: the test stage's searcher
+            except (KeyError, AttributeError):
+                raise UserError("the run's hyperparams.yaml has no attention_searcher (trained with an older "
+                                "version); retrain, or decode with --decoder ctc_greedy/ctc_beam") from None
+            self.searcher = build(modules, hparams, len(vocab), beam_size=o.beam_size, ctc_weight=o.ctc_weight,
+                                  temperature=o.temperature, blank_penalty=o.blank_penalty,
+                                  insertion_bonus=o.insertion_bonus, lm=o.lm, lm_weight=o.lm_weight)
 
     @torch.no_grad()
     def decode_ids(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> list[list[int]]:

@@ -1,13 +1,14 @@
 """Phoneme durations for Matcha-TTS: aligned tokens (ASR frames) -> Matcha mel-frame counts, and their files.
 
-Frame arithmetic (design.md "Matcha frame arithmetic")
------------------------------------------------------
+Frame arithmetic (docs/design.md "Matcha frame arithmetic")
+-----------------------------------------------------------
 * Matcha's mel (``mel_spectrogram``, ``center=False``, reflect pad ``(n_fft - hop) / 2`` each side) has
   ``T = floor(num_samples / hop)`` frames; frame ``j`` covers samples ``[j*hop, (j+1)*hop)``.
-* Token ``k`` of an ASR alignment ends at ``t_k = cumsum(token_frames)[k] * asr_frame_s`` seconds. Matcha boundary
-  ``B_k = clip(round_half_up(t_k * sr / hop), 0, T)``, the last one set to ``T``; durations are ``diff([0, B])``.
-  Rounding the *cumulative* times keeps every boundary within half a hop of the ASR one, the sum exactly ``T``,
-  and no count negative (zeros appear when ``T`` is smaller than the number of tokens).
+* An alignment gives each token a count of analysis frames (``center=True``, ``common/frames.py``): token ``k``
+  ends at ``t_k = (cumsum(token_frames)[k] - 0.5) * asr_frame_s`` seconds, the last one with the audio. Matcha
+  boundary ``B_k = clip(round_half_up(t_k * sr / hop), 0, T)``, the last one set to ``T``; durations are
+  ``diff([0, B])``. Rounding the *cumulative* times keeps every boundary within half a hop of the aligned one,
+  the sum exactly ``T``, and no count negative (zeros appear when ``T`` is smaller than the number of tokens).
 
 Matcha token layout and the blank / non-acoustic rule
 -----------------------------------------------------
@@ -31,7 +32,7 @@ dropped silence) extends the preceding phone, or the following phone at the star
 
 Files
 -----
-* ``.pt`` (Matcha fork / seed spec): ``corpus/durations/{rel_path}.pt`` holding a 1-D ``torch.long`` tensor.
+* ``.pt`` (a Matcha fork): ``corpus/durations/{rel_path}.pt`` holding a 1-D ``torch.long`` tensor.
 * ``.npy`` (upstream Matcha ``TextMelDataset.get_durations``): ``wav.parent.parent / "durations" / f"{stem}.npy"``;
   rows whose wavs share a stem under the same grand-parent collide, which is a ``UserError``.
 * ``alignments.jsonl`` beside the duration files, one JSON object per line (see ``ALIGNMENT_KEYS``)::
@@ -45,6 +46,7 @@ Files
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -53,10 +55,10 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from common.frames import frame_ends_seconds
 from common.io import UserError, atomic_path, atomic_write, safe_join
-from common.vocab import BLANK, WORD_SEP
+from common.vocab import BLANK, SILENCE_TOKENS, WORD_SEP
 
-SILENCE_TOKENS = frozenset({"pau", "sil", "sp", "<sil>"})
 STRESS_MARKS = frozenset({"ˈ", "ˌ"})
 PUNCTUATION = frozenset(';:,.!?¡¿—…"«»“”()[]{}-–')
 NON_ACOUSTIC = frozenset({WORD_SEP, " "}) | STRESS_MARKS | PUNCTUATION
@@ -99,15 +101,17 @@ def boundaries_to_matcha(ends_s: Sequence[float], num_frames: int, sample_rate: 
 
 
 def to_matcha_durations(token_frames: Sequence[int], asr_frame_s: float, num_frames: int, sample_rate: int,
-                        hop_length: int = 256) -> torch.Tensor:
-    """Per-token ASR-frame counts -> per-token Matcha-frame counts (``torch.long``, sum == ``num_frames``)."""
+                        hop_length: int = 256, duration_s: float | None = None) -> torch.Tensor:
+    """Per-token analysis-frame counts (``center=True`` frames of ``asr_frame_s``) -> per-token Matcha-frame counts
+    (``torch.long``, sum == ``num_frames``). ``duration_s``: the audio's length (default: the frames' own)."""
     frames = np.asarray(token_frames)
     if frames.ndim != 1 or frames.size == 0:
         raise ValueError("token_frames must be a non-empty 1-D sequence of counts")
     if not np.issubdtype(frames.dtype, np.integer) or np.any(frames < 0):
         raise ValueError("token_frames must be integer counts >= 0")
-    ends = np.cumsum(frames.astype(np.int64)) * float(asr_frame_s)
-    return boundaries_to_matcha(ends, num_frames, sample_rate, hop_length)
+    total = float(frames.sum()) * float(asr_frame_s) if duration_s is None else float(duration_s)
+    return boundaries_to_matcha(frame_ends_seconds(frames, float(asr_frame_s), total), num_frames, sample_rate,
+                                hop_length)
 
 
 # ---------------------------------------------------------------- Matcha token layout
@@ -194,12 +198,13 @@ def matcha_layout(tokens: Sequence[str], token_frames: Sequence[int], add_blank:
 
 
 def export_durations(tokens: Sequence[str], token_frames: Sequence[int], *, asr_frame_s: float, num_frames: int,
-                     sample_rate: int, hop_length: int = 256, add_blank: bool = True,
-                     keep_silence: bool = False) -> tuple[list[str], torch.Tensor]:
-    """Aligned tokens + ASR-frame counts -> (Matcha sequence, Matcha-frame durations summing to ``num_frames``)."""
+                     sample_rate: int, hop_length: int = 256, add_blank: bool = True, keep_silence: bool = False,
+                     duration_s: float | None = None) -> tuple[list[str], torch.Tensor]:
+    """Aligned tokens + their analysis-frame counts -> (Matcha sequence, Matcha-frame durations summing to
+    ``num_frames``): the layout rule above, then ``to_matcha_durations``. What the export writes for every row."""
     seq, counts = matcha_layout(tokens, token_frames, add_blank=add_blank, keep_silence=keep_silence)
     return seq, to_matcha_durations(np.asarray(counts, dtype=np.int64), asr_frame_s, num_frames, sample_rate,
-                                    hop_length)
+                                    hop_length, duration_s)
 
 
 # ---------------------------------------------------------------- files
@@ -243,8 +248,10 @@ def write_durations(path: str | os.PathLike, durations, fmt: str = "pt") -> Path
     tensor = tensor.long().cpu()
     path = Path(path)
     with atomic_path(path) as tmp:
-        if fmt == "pt":
-            torch.save(tensor, tmp)
+        if fmt == "pt":  # saved through a buffer: torch names the zip's records after the file (here a temp name),
+            buf = io.BytesIO()  # which would make two exports of the same durations differ in bytes
+            torch.save(tensor, buf)
+            tmp.write_bytes(buf.getvalue())
         else:
             with open(tmp, "wb") as fh:          # np.save(str) would append ".npy" to the temp name
                 np.save(fh, tensor.numpy())

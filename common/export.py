@@ -1,95 +1,164 @@
 """Export Matcha-TTS durations for every row of a corpus (the engine behind ``align/export_durations.py``).
 
-Per row of ``corpus/metadata.csv``: our own features from the audio (``mels/`` is only read for its length), the
-token sequence from the G2P/symbols the model was trained with, model scores, MAS (the first pass); then, unless
-``refine`` is off, boundary refinement over the whole corpus (``common/refine.py``: a frame classifier re-trained
-on the corpus' own alignments, then re-aligned at 5 ms; then ``common/hmm.py``: two HMM-GMMs trained by Viterbi
-training, one started from that alignment and one from a flat start; each boundary is the weighted mean of the
-three, ``hmm_weight`` for the two HMMs together); optionally boundary calibration (``common/calibration.py``:
-offsets from ``calibration``, or fitted on the ``labelled`` rows, which also train the refiner); Matcha frames.
+Configuration: ``hparams/export.yaml`` (every knob once, with its default; ``load_options`` reads it with overrides
+into an ``ExportOptions``). Per row of ``corpus/metadata.csv`` (an ``Item``): our own features from the audio
+(``mels/`` is only read for its length), the token sequence from the G2P/symbols the model was trained with (its run
+folder's ``phonemes.json``), model scores and MAS (``FirstPass``: one ``Alignment`` per row); then, unless
+``refine`` is off, boundary refinement over the whole corpus (``common.refine.refine_boundaries``); optionally
+boundary calibration (``common/calibration.py``: offsets from ``calibration``, or fitted on the ``labelled`` rows,
+which also train the refiner); Matcha frames (``common.durations.export_durations``).
+
 Everything that can be checked is checked before anything is written; every file is written atomically; existing
-outputs are skipped unless ``overwrite`` (so a killed run resumes).
+outputs are skipped unless ``overwrite`` (so a killed run resumes). ``durations/export_report.json`` records what made
+the export (checkpoint, project version and commit, package versions, every option) and nothing that changes from
+run to run, so two exports of one corpus with the same settings are byte-identical; wall-clock figures go to
+``durations/export_timing.json``.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from common import align as A
 from common import calibration
-from common.calibration import Calibration
+from common import first_pass as A
+from common import frames as F
 from common.audio import AudioDataset, audio_info, length_buckets
+from common.calibration import Calibration
 from common.corpus import read_matcha, read_phones_tsv
-from common.durations import (append_alignment, alignment_record, boundaries_to_matcha, matcha_layout,
-                              matcha_num_frames, npy_duration_paths, pt_duration_path, write_durations)
+from common.durations import (FORMATS, alignment_record, append_alignment, export_durations, matcha_num_frames,
+                              npy_duration_paths, pt_duration_path, write_durations)
 from common.g2p import G2P, check_symbols, ipa_to_tokens, load_symbols
 from common.io import UserError, safe_join, write_json
-from common.vocab import BLANK_ID
+from common.vocab import BLANK_ID, SIL, SILENCE_TOKENS
 
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_YAML = ROOT / "hparams" / "export.yaml"
+REPORT_FILE, TIMING_FILE, ALIGNMENTS_FILE = "export_report.json", "export_timing.json", "alignments.jsonl"
 MAX_LISTED = 5
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
-@dataclass
-class Options:
+# --------------------------------------------------------------------------------------------------------------------
+# Options (hparams/export.yaml)
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExportOptions:
+    """The export's settings: the top-level keys of ``hparams/export.yaml`` (which holds their defaults and help)
+    plus the two objects it builds from them, ``refiner`` and ``hmm_aligner``."""
     corpus: Path
     model_dir: Path
-    device: str = "cuda"
-    scores: str = "joint"
-    ctc_weight: float = 0.5
-    fmt: str = "pt"
-    add_blank: bool = True
-    edge_silence: bool = True
-    textgrid: bool = False
-    plots: int = 0
-    overwrite: bool = False
-    no_mels: bool = False
-    hop_length: int = 256
-    sample_rate: int | None = None  # Matcha's rate; default: each file's own rate
-    batch_seconds: float = 200.0
-    g2p: str | None = None
-    symbols: str | None = None
-    phones_tsv: Path | None = None
-    metadata: Path | None = None
-    wav_dir: Path | None = None
-    language: str = "en-us"
-    progress: bool = True
-    limit: int = 0
-    low_conf: float = 0.3
-    max_phone_s: float = 1.0
-    high_per: float = 60.0
-    anchor: bool = True  # pin tokens to their CTC forced-alignment emissions before MAS (common/align.py)
-    refine: bool = True  # boundary refinement (common/refine.py) after the first pass
-    refine_rounds: int = 8
-    refine_minutes: float = 0.0  # >0: wall-clock cap on the refiner's training
-    hmm_weight: float = 2 / 3  # refined boundary: (1 - w) x the frame classifier's + w/2 x each HMM-GMM's (0: none)
-    precision: str = "auto"  # recognizer's compute: auto (bf16 where the hardware has it), fp32 or bf16
-    calibration: Path | None = None  # boundary offsets from align/calibrate.py (common/calibration.py)
-    labelled: Path | None = None  # hand-checked rows (phones.tsv or TextGrid folder): refiner labels + calibration
+    metadata: Path | None
+    wav_dir: Path | None
+    language: str
+    limit: int
+    g2p: str | None
+    symbols: str | None
+    phones_tsv: Path | None
+    format: str
+    add_blank: bool
+    hop_length: int
+    sample_rate: int | None
+    no_mels: bool
+    textgrid: bool
+    plots: int
+    overwrite: bool
+    progress: bool
+    device: str
+    precision: str
+    scores: str
+    ctc_weight: float
+    anchor: bool
+    edge_silence: bool
+    batch_seconds: float
+    low_conf: float
+    max_phone_s: float
+    high_per: float
+    refine: bool
+    refine_rounds: int
+    refine_minutes: float
+    refine_max_train_hours: float
+    refine_hop_ms: float
+    refine_win_ms: float
+    refine_epochs: int
+    refine_epochs_later: int
+    refine_channels: int
+    refine_kernel: int
+    refine_dilations: list
+    refine_lr: float
+    refine_batch_seconds: float
+    refine_prior_weight: float
+    refine_margin_ms: float
+    refine_margin_frac: float
+    refine_margin_decay: float
+    refine_seed: int
+    feature_sample_rate: int
+    hmm_weight: float
+    hmm_states: int
+    hmm_hop_ms: float
+    hmm_delta_ms: float
+    hmm_schedule: list
+    hmm_flat_start_schedule: list
+    hmm_em_iters: int
+    hmm_max_train_hours: float
+    hmm_seed: int
+    calibration: Path | None
+    labelled: Path | None
+    refiner: object  # common.refine.RefineConfig
+    hmm_aligner: object  # common.hmm.HMMConfig
+
+    def __post_init__(self):
+        for k in ("corpus", "model_dir", "metadata", "wav_dir", "phones_tsv", "calibration", "labelled"):
+            v = getattr(self, k)
+            if v is not None and not isinstance(v, Path):
+                object.__setattr__(self, k, Path(str(v)))
+        checks = [
+            (self.scores in A.SCORE_KINDS, f"--scores must be one of {', '.join(A.SCORE_KINDS)}, got {self.scores!r}"),
+            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
+            (self.format in FORMATS, f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}"),
+            (0.0 <= self.ctc_weight <= 1.0, f"--ctc_weight must be in [0, 1], got {self.ctc_weight}"),
+            (0.0 <= self.hmm_weight <= 1.0, f"--hmm_weight must be in [0, 1], got {self.hmm_weight}"),
+            (self.refine_rounds >= 1, f"--refine_rounds must be >= 1, got {self.refine_rounds}"),
+            (self.batch_seconds > 0, f"--batch_seconds must be > 0, got {self.batch_seconds}"),
+            (self.hop_length > 0, f"--hop_length must be > 0, got {self.hop_length}"),
+            (self.limit >= 0 and self.plots >= 0, "--limit and --plots must be >= 0"),
+            (self.hmm_states >= 1, f"--hmm_states must be >= 1, got {self.hmm_states}"),
+            (not (self.calibration and self.labelled),
+             "give --labelled (calibrate from those rows in this export) or --calibration (offsets fitted before), "
+             "not both"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+
+    def as_record(self) -> dict:
+        """Every option, as the report records it."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else (
+                str(v) if isinstance(v, Path) else v)
+        return out
 
 
-@dataclass
-class Item:
-    rel: str
-    wav: Path
-    tokens: list[str]
-    ids: list[int]
-    num_samples: int
-    sr: int
-    mel_frames: int
-    out: Path
-    where: str
-    spk: str = ""
-    extra: dict = field(default_factory=dict)
+def load_options(overrides: dict | None = None, yaml_path: str | Path = DEFAULT_YAML) -> ExportOptions:
+    """``hparams/export.yaml`` with ``overrides`` (top-level keys) -> ``ExportOptions`` (checked)."""
+    from common import config
 
-
-PRECISIONS = ("auto", "fp32", "bf16")
+    hp = config.load(yaml_path, overrides)
+    names = [f.name for f in dataclasses.fields(ExportOptions)]
+    extra = sorted(set(k for k in hp if not k.startswith("__")) - set(names))
+    missing = [k for k in names if k not in hp]
+    if extra or missing:
+        raise UserError(f"{yaml_path}: keys {extra} are not export options and {missing} are missing; start from "
+                        f"{DEFAULT_YAML}")
+    return ExportOptions(**{k: hp[k] for k in names})
 
 
 def cpu_has_bf16() -> bool:
@@ -116,27 +185,70 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def trained_data_folder(model_dir: Path) -> str | None:
-    """The manifest folder the model was trained on (``data_folder`` in the run's saved hyperparams.yaml)."""
-    import re
+# --------------------------------------------------------------------------------------------------------------------
+# Rows
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Item:
+    """One corpus row, checked: its tokens (as the model knows them), audio and Matcha length, output path."""
+    rel: str
+    wav: Path
+    tokens: list[str]
+    ids: list[int]
+    num_samples: int
+    sr: int
+    mel_frames: int
+    out: Path
+    where: str
+    spk: str = ""
 
-    hp = Path(model_dir) / "hyperparams.yaml"
-    m = re.search(r"^data_folder:\s*(.+?)\s*$", hp.read_text(encoding="utf-8"), re.M) if hp.is_file() else None
-    return m.group(1).strip("'\"") if m else None
+    @property
+    def duration_s(self) -> float:
+        return self.num_samples / self.sr
 
 
-def phoneme_source(data_folder, opts: Options) -> dict:
-    """G2P / symbols / phones_tsv the model was trained with (its manifests' prep_report.json), unless given."""
-    src = {"g2p": opts.g2p, "symbols": opts.symbols, "phones_tsv": opts.phones_tsv}
-    report = Path(str(data_folder)) / "prep_report.json" if data_folder else None
-    if report is not None and report.is_file() and not any(src.values()):
-        o = json.loads(report.read_text(encoding="utf-8")).get("options", {})
-        src = {"g2p": o.get("g2p"), "symbols": o.get("symbols"),
-               "phones_tsv": Path(o["phones_tsv"]) if o.get("phones_tsv") else None}
-    return src
+@dataclass
+class Alignment:
+    """One row through the export: its aligned units (the tokens plus the edge silence slots the aligner added,
+    ``lead`` / ``trail``), the frames of each unit at ``hop_s`` (centred frames, ``common/frames.py``), the first
+    pass's per-token CTC confidence and greedy PER, and the refiner's per-unit confidence once refined."""
+    item: Item
+    units: list[str]
+    lead: bool
+    trail: bool
+    frames: np.ndarray
+    hop_s: float
+    confidence: np.ndarray
+    greedy_per: float
+    refine_confidence: np.ndarray | None = None
+
+    def unit_ends(self) -> np.ndarray:
+        """End time (s) of each unit."""
+        return F.frame_ends_seconds(self.frames, self.hop_s, self.item.duration_s)
+
+    def unit_ids(self) -> list[int]:
+        """Class ids of the units (the refiner's and the HMM-GMMs' classes)."""
+        from common.refine import unit_label_ids
+
+        return unit_label_ids(self.item.ids, self.lead, self.trail, BLANK_ID)
+
+    def move_to(self, ends_s: np.ndarray) -> None:
+        """New unit end times, kept on this alignment's frame grid (the frame total stays)."""
+        self.frames = F.ends_to_counts(ends_s, int(np.sum(self.frames)), self.hop_s)
 
 
-def prepare_items(opts: Options, vocab, data_folder=None) -> list[Item]:
+def phoneme_source(opts: ExportOptions) -> dict:
+    """G2P / symbols / phones_tsv: the ones given, else those the model was trained with (its run folder)."""
+    if opts.g2p or opts.symbols or opts.phones_tsv:
+        return {"g2p": opts.g2p, "symbols": opts.symbols, "phones_tsv": opts.phones_tsv, "from": "options"}
+    from common.run_folder import load_phoneme_source
+
+    src = load_phoneme_source(opts.model_dir)
+    return {"g2p": src.get("g2p"), "symbols": src.get("symbols"), "phones_tsv": src.get("phones_tsv"),
+            "from": "run folder"}
+
+
+def prepare_items(opts: ExportOptions, vocab, src: dict) -> list[Item]:
     """Read metadata, phonemize, check audio/mels/vocabulary; raise ``UserError`` before anything is written."""
     corpus = opts.corpus
     recs = read_matcha(corpus, opts.metadata, opts.wav_dir, opts.language)
@@ -144,8 +256,6 @@ def prepare_items(opts: Options, vocab, data_folder=None) -> list[Item]:
         recs = recs[: opts.limit]
     if not recs:
         raise UserError(f"{corpus}: metadata has no rows")
-    src = phoneme_source(data_folder, opts)
-    tokens: dict[str, list[str]] = {}
     if src["phones_tsv"]:
         table = read_phones_tsv(Path(src["phones_tsv"]))
         missing = [r.id for r in recs if r.id not in table]
@@ -171,7 +281,7 @@ def prepare_items(opts: Options, vocab, data_folder=None) -> list[Item]:
         if absent:
             raise UserError(f"{len(absent)} mel file(s) missing, e.g. {', '.join(absent[:MAX_LISTED])}; compute "
                             f"Matcha's mels first, or pass --no_mels to take the length from the audio")
-    npy_out = npy_duration_paths((r.id, r.wav) for r in recs) if opts.fmt == "npy" else {}
+    npy_out = npy_duration_paths((r.id, r.wav) for r in recs) if opts.format == "npy" else {}
     items = []
     for r in recs:
         toks = tokens[r.id]
@@ -194,32 +304,27 @@ def prepare_items(opts: Options, vocab, data_folder=None) -> list[Item]:
                 raise UserError(f"{mel_paths[r.id]}: cannot read mel ({err})") from None
         else:
             T = matcha_num_frames(n, opts.hop_length)
-        out = npy_out[r.id] if opts.fmt == "npy" else pt_duration_path(corpus, r.id)
+        out = npy_out[r.id] if opts.format == "npy" else pt_duration_path(corpus, r.id)
         items.append(Item(r.id, r.wav, toks, vocab.encode(toks, r.where), n, sr, T, out, r.where, r.spk_id))
     return items
 
 
 def check_feasible(items: list[Item], hparams, edge_silence: bool) -> None:
-    hop = int(hparams["hop_samples"]) if "hop_samples" in hparams else int(hparams["sample_rate"]) // 100
+    from common.model import feature_hop_samples
+
+    hop = feature_hop_samples(hparams)
     model_sr = int(hparams["sample_rate"])
     for it in items:
-        frames = 1 + int(it.num_samples * model_sr / it.sr) // hop
+        frames = F.num_feature_frames(int(it.num_samples * model_sr / it.sr), hop)
         units = len(A.alignment_units(it.tokens, edge_silence)[0])
         if frames < units:
-            raise UserError(f"{it.where}: audio too short for its tokens ({it.num_samples / it.sr:.3f}s = {frames} "
+            raise UserError(f"{it.where}: audio too short for its tokens ({it.duration_s:.3f}s = {frames} "
                             f"frames for {units} tokens); fix the transcript or remove the row")
 
 
-def _collate(batch):
-    from common.model import batch_wavs
-
-    return [b[0] for b in batch], *batch_wavs([b[1] for b in batch])
-
-
-def batches_by_length(items: list[Item], seconds: float) -> list[list[int]]:
-    return length_buckets([it.num_samples / it.sr for it in items], seconds, longest_first=True)
-
-
+# --------------------------------------------------------------------------------------------------------------------
+# The first pass
+# --------------------------------------------------------------------------------------------------------------------
 def greedy_per(ctc_logp: torch.Tensor, ids: list[int]) -> float:
     """PER (%) of the CTC best path [T, V] against the expected tokens (a cheap transcript-mismatch detector)."""
     from common.metrics import error_rate
@@ -242,6 +347,59 @@ def _model_scores(modules, hparams, wavs, lens, tok_bos, tok_lens, kind: str, us
     return ctc_logp.float(), attn, [int(x) for x in abs_lengths(lens, enc.shape[1]).tolist()]
 
 
+def _collate(batch):
+    from common.model import batch_wavs
+
+    return [b[0] for b in batch], *batch_wavs([b[1] for b in batch])
+
+
+class FirstPass:
+    """The recognizer's scores (``scores``: CTC, attention or joint), CTC anchoring and one batched MAS per
+    length-sorted batch (audio read ahead by a DataLoader worker). ``run(items)`` yields, per batch, the indices
+    of its items, their ``Alignment`` rows and their score matrices (for plots)."""
+
+    def __init__(self, modules, hparams, opts: ExportOptions, device: str, precision: str):
+        self.modules, self.hparams, self.opts, self.device = modules, hparams, opts, device
+        self.use_amp = precision == "bf16"
+        self.model_sr = int(hparams["sample_rate"])
+        self.hop_s = float(hparams["hop_length"]) / 1000.0
+
+    def run(self, items: list[Item]) -> Iterator[tuple[list[int], list[Alignment], list[torch.Tensor]]]:
+        from common.model import batch_tokens_bos
+
+        o = self.opts
+        batches = length_buckets([it.duration_s for it in items], o.batch_seconds, longest_first=True)
+        loader = torch.utils.data.DataLoader(AudioDataset([it.wav for it in items], self.model_sr),
+                                             batch_sampler=batches, collate_fn=_collate,
+                                             num_workers=1 if len(items) > 1 else 0)
+        for idx, wavs, lens in loader:
+            batch = [items[i] for i in idx]
+            tok_bos, tok_lens = batch_tokens_bos([it.ids for it in batch])
+            ctc_logp, attn, frame_lens = _model_scores(self.modules, self.hparams, wavs.to(self.device),
+                                                       lens.to(self.device), tok_bos.to(self.device),
+                                                       tok_lens.to(self.device), o.scores, self.use_amp)
+            units, scores = [], []
+            for k, it in enumerate(batch):
+                u, lead, trail = A.alignment_units(it.tokens, o.edge_silence)
+                units.append((u, lead, trail))
+                ctc_k = ctc_logp[k, : frame_lens[k]]
+                att_k = None if attn is None else attn[k, :, : frame_lens[k]]
+                sc = A.score_matrix(ctc_k, att_k, it.ids, lead, trail, o.scores, o.ctc_weight)
+                spans = A.ctc_emissions(ctc_k, it.ids) if o.anchor else None
+                scores.append(A.anchor(sc, spans, lead) if spans else sc)
+            frames = A.mas_frames(scores, frame_lens)
+            rows = []
+            for k, it in enumerate(batch):
+                ctc_k = ctc_logp[k, : frame_lens[k]].cpu()
+                u, lead, trail = units[k]
+                rows.append(Alignment(it, u, lead, trail, frames[k], self.hop_s,
+                                      A.token_confidence(ctc_k, it.ids, frames[k], lead), greedy_per(ctc_k, it.ids)))
+            yield list(idx), rows, scores
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The export
+# --------------------------------------------------------------------------------------------------------------------
 def _remove_stale_temps(folders) -> None:
     """Temp files of a run that was killed mid-write (``.name.XXXX.tmp``, see common.io.atomic_path)."""
     for d in folders:
@@ -250,33 +408,29 @@ def _remove_stale_temps(folders) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def export_corpus(opts: Options) -> dict:
+def export_corpus(opts: ExportOptions) -> dict:
+    """Run the export; returns the report (as written to ``export_report.json``) with its ``timing`` added."""
     from tqdm import tqdm
 
-    from common.model import load_for_inference
+    from common.model import load_run
+    from common.run_report import provenance
 
     t0 = time.time()
+    timing: dict = {}
     device = resolve_device(opts.device)
-    if opts.scores not in A.SCORE_KINDS:
-        raise UserError(f"--scores must be one of {', '.join(A.SCORE_KINDS)}")
     precision = resolve_precision(opts.precision, device)
-    if opts.calibration and opts.labelled:
-        raise UserError("give --labelled (calibrate from those rows in this export) or --calibration (offsets "
-                        "fitted before), not both")
     cal = Calibration.load(opts.calibration) if opts.calibration else None
     reference = calibration.load_reference(opts.labelled) if opts.labelled else None
-    modules, hparams, vocab = load_for_inference(opts.model_dir, device)
-    items = prepare_items(opts, vocab, trained_data_folder(opts.model_dir))
-    check_feasible(items, hparams, opts.edge_silence)
+    run = load_run(opts.model_dir, device)
+    src = phoneme_source(opts)
+    items = prepare_items(opts, run.vocab, src)
+    check_feasible(items, run.hparams, opts.edge_silence)
     report_dir = opts.corpus / "durations"
-    align_file = report_dir / "alignments.jsonl"
+    align_file = report_dir / ALIGNMENTS_FILE
     _remove_stale_temps({it.out.parent for it in items} | {report_dir})
     todo = [it for it in items if opts.overwrite or not it.out.is_file()]
-    skipped = len(items) - len(todo)
     if opts.overwrite and align_file.is_file():
         align_file.unlink()
-    model_sr = int(hparams["sample_rate"])
-    hop_s = float(hparams["hop_length"]) / 1000.0
     results: dict[str, dict] = {}
     failures: dict[str, str] = {}
     refining = opts.refine and bool(todo)
@@ -288,252 +442,184 @@ def export_corpus(opts: Options) -> dict:
         if not labelled:
             raise UserError(f"{opts.labelled}: none of its {len(reference)} row(s) is in {opts.corpus}'s metadata; "
                             f"name them by rel_path (e.g. {first[0].rel if first else 'voice/utt'})")
-    loader = torch.utils.data.DataLoader(AudioDataset([it.wav for it in first], model_sr),
-                                         batch_sampler=batches_by_length(first, opts.batch_seconds),
-                                         collate_fn=_collate, num_workers=1 if len(first) > 1 else 0)
-    plots = {"left": opts.plots, "dir": report_dir / "plots"}
-    use_amp = precision == "bf16"
-    audio_s = 0.0
-    passed: list[dict | None] = [None] * len(first)
+    plots_left = opts.plots
+    passed: list[Alignment] = [None] * len(first)  # type: ignore[list-item]  # in item order
     bar = tqdm(total=len(first), desc="export" if not collect else "first pass", unit="utt",
                disable=not opts.progress)
     # without refinement, one background thread writes each finished batch (in order) while the next one runs
     writer, written = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export-writer"), []
-
-    def write(done: list[dict]) -> None:
-        _calibrate(done, cal)
-        written.append(writer.submit(_write_all, done, opts, align_file, results, failures))
-
     try:
-        _first_pass(loader, first, modules, hparams, device, opts, use_amp, hop_s, passed, plots, bar,
-                    None if collect else write)
+        for idx, rows, scores in FirstPass(run.modules, run.hparams, opts, device, precision).run(first):
+            for a, sc in zip(rows, scores):
+                if plots_left > 0:
+                    _plot(a, sc.cpu(), report_dir / "plots")
+                    plots_left -= 1
+            if collect:
+                for i, a in zip(idx, rows):
+                    passed[i] = a
+            else:
+                _calibrate(rows, cal)
+                written.append(writer.submit(_write_all, rows, opts, align_file, results, failures))
+            bar.update(len(rows))
     finally:
         writer.shutdown(wait=True)
-    audio_s += sum(f.result() for f in written)
+    audio_s = sum(f.result() for f in written)
     bar.close()
-    refine_stats = None
-    if refining:
-        refine_stats = _refine(passed, vocab, device, opts, labelled)
+    timing["first_pass_s"] = round(time.time() - t0, 2)
+    refine_stats = _refine(passed, run.vocab, device, opts, labelled, timing) if refining else None
     cal_info = None if cal is None else {"file": str(opts.calibration), "boundaries": cal.boundaries}
     if labelled:
         cal = _fit_labelled(passed, labelled, report_dir / "calibration.json", opts)
         cal_info = {"labelled": str(opts.labelled), "labelled_rows": len(labelled), "boundaries": cal.boundaries,
                     "file": str(report_dir / "calibration.json")}
     if collect:
+        t = time.time()
         _calibrate(passed, cal)
         todo_rels = {it.rel for it in todo}
-        audio_s += _write_all([d for d in passed if d["it"].rel in todo_rels], opts, align_file, results, failures)
-    flagged = {rel: r["flags"] for rel, r in results.items() if r["flags"]}
-    elapsed = time.time() - t0
+        audio_s += _write_all([a for a in passed if a.item.rel in todo_rels], opts, align_file, results, failures)
+        timing["write_s"] = round(time.time() - t, 2)
     report = {
-        "corpus": str(opts.corpus), "model_dir": str(opts.model_dir), "device": device, "precision": precision,
-        "scores": opts.scores, "format": opts.fmt, "add_blank": opts.add_blank, "hop_length": opts.hop_length,
+        "corpus": str(opts.corpus), "model_dir": str(opts.model_dir), "checkpoint": str(run.checkpoint),
+        "made_by": provenance(), "options": opts.as_record(), "phonemes": {k: str(v) if isinstance(v, Path) else v
+                                                                            for k, v in src.items()},
+        "device": device, "precision": precision, "scores": opts.scores, "format": opts.format,
+        "add_blank": opts.add_blank, "hop_length": opts.hop_length,
         "mel_lengths_from": "audio" if opts.no_mels else "mels/",
-        "counts": {"success": len(results), "failure": len(failures), "skipped_existing": skipped,
+        "counts": {"success": len(results), "failure": len(failures), "skipped_existing": len(items) - len(todo),
                    "total": len(items)},
-        "failures": failures, "flagged": flagged,
+        "failures": dict(sorted(failures.items())),
+        "flagged": {rel: r["flags"] for rel, r in sorted(results.items()) if r["flags"]},
         "flag_rules": {"low_confidence": f"mean phone confidence < {opts.low_conf}",
                        "long_phone": f"a phone longer than {opts.max_phone_s}s",
                        "high_per": f"CTC greedy PER vs the transcript > {opts.high_per}%"},
         "utterances": {rel: {k: r[k] for k in ("confidence", "greedy_per", "frames", "flags")}
-                       for rel, r in results.items()},
+                       for rel, r in sorted(results.items())},
         "refine": refine_stats,
         "calibration": cal_info,
-        "seconds": round(elapsed, 2), "audio_seconds": round(audio_s, 2),
-        "realtime_factor": round(audio_s / elapsed, 1) if elapsed > 0 else None,
     }
-    write_json(report_dir / "export_report.json", report)
-    return report
+    write_json(report_dir / REPORT_FILE, report)
+    elapsed = time.time() - t0
+    timing.update(seconds=round(elapsed, 2), audio_seconds=round(audio_s, 2),
+                  realtime_factor=round(audio_s / elapsed, 1) if elapsed > 0 else None)
+    write_json(report_dir / TIMING_FILE, timing)
+    return {**report, "timing": timing}
 
 
-def _first_pass(loader, first: list[Item], modules, hparams, device: str, opts: Options, use_amp: bool,
-                hop_s: float, passed: list, plots: dict, bar, write) -> None:
-    """The recognizer + MAS over every batch: fills ``passed[i]`` (item, units, frame counts, confidence, greedy
-    PER); ``write(done)``, when given, is handed each finished batch."""
-    from common.model import batch_tokens_bos
-
-    for idx, wavs, lens in loader:
-        batch = [first[i] for i in idx]
-        tok_bos, tok_lens = batch_tokens_bos([it.ids for it in batch])
-        ctc_logp, attn, frame_lens = _model_scores(modules, hparams, wavs.to(device), lens.to(device),
-                                                   tok_bos.to(device), tok_lens.to(device), opts.scores, use_amp)
-        units, scores = [], []
-        for k, it in enumerate(batch):
-            u, lead, trail = A.alignment_units(it.tokens, opts.edge_silence)
-            units.append((u, lead, trail))
-            ctc_k = ctc_logp[k, : frame_lens[k]]
-            att_k = None if attn is None else attn[k, :, : frame_lens[k]]
-            sc = A.score_matrix(ctc_k, att_k, it.ids, lead, trail, opts.scores, opts.ctc_weight)
-            spans = A.ctc_emissions(ctc_k, it.ids) if opts.anchor else None
-            scores.append(A.anchor(sc, spans, lead) if spans else sc)
-        frames = A.mas_frames(scores, frame_lens)
-        done = []
-        for k, (i, it) in enumerate(zip(idx, batch)):
-            ctc_k = ctc_logp[k, : frame_lens[k]].cpu()
-            d = dict(it=it, units=units[k], frames=frames[k], hop_s=hop_s,
-                     conf=A.token_confidence(ctc_k, it.ids, frames[k], units[k][1]), per=greedy_per(ctc_k, it.ids))
-            if plots["left"] > 0:
-                _plot(it, units[k][0], frames[k], scores[k].cpu(), hop_s, plots["dir"])
-                plots["left"] -= 1
-            passed[i] = d
-            done.append(d)
-        if write is not None:
-            write(done)
-        bar.update(len(batch))
-
-
-def _refine(passed: list[dict], vocab, device: str, opts: Options, labelled: dict) -> dict:
-    """Replace every first-pass alignment by the refined one (unit frames on a 1 ms grid when the HMM-GMM pass
-    runs, else at the refiner's 5 ms hop); returns stats. ``labelled[i]``: reference segments of row ``i``, whose
-    boundaries become the refiner's training labels for that row."""
+def _refine(passed: list[Alignment], vocab, device: str, opts: ExportOptions, labelled: dict, timing: dict) -> dict:
+    """Replace every first-pass alignment by the refined one (``common.refine.refine_boundaries``); returns its
+    stats. ``labelled[i]``: reference segments of row ``i``, whose boundaries become the refiner's training
+    labels for that row."""
     from common.audio import load_audio
-    from common.hmm import FLAT_START_SCHEDULE, MFCC, HMMConfig, hmm_realign
-    from common.refine import RefineConfig, refine, unit_label_ids
+    from common.refine import refine_boundaries
 
-    cfg = RefineConfig(rounds=opts.refine_rounds, max_minutes=opts.refine_minutes)
-    hcfg = HMMConfig(sample_rate=cfg.sample_rate)
-    mfcc = MFCC(hcfg.sample_rate, hcfg.hop_ms, hcfg.delta_ms) if opts.hmm_weight > 0 else None
-    mfccs: list = [None] * len(passed)
-
-    def load(i: int) -> torch.Tensor:  # the audio is read once for both passes
-        w = load_audio(passed[i]["it"].wav, cfg.sample_rate)[0]
-        if mfcc is not None:
-            mfccs[i] = mfcc(w)
-        return w
-
-    unit_ids = [unit_label_ids(d["it"].ids, d["units"][1], d["units"][2], BLANK_ID) for d in passed]
-    durations = [d["it"].num_samples / d["it"].sr for d in passed]
-    first_ends = [_unit_ends(d) for d in passed]
+    cfg = opts.refiner
+    first_ends = [a.unit_ends() for a in passed]
     log = (lambda m: print(m, flush=True)) if opts.progress else None
-    fixed = {i: calibration.pin_to_reference(passed[i]["units"][0], first_ends[i], ref, cfg.hop_ms / 1000.0)
+    fixed = {i: calibration.pin_to_reference(passed[i].units, first_ends[i], ref, cfg.hop_ms / 1000.0)
              for i, ref in labelled.items()}
-    counts, confs, stats = refine(load, len(passed), unit_ids, first_ends, len(vocab), cfg, device, log, fixed)
-    if mfcc is None:
-        for d, c, rc in zip(passed, counts, confs):
-            d.update(frames=c, hop_s=cfg.hop_ms / 1000.0, refine_conf=rc)
-        return stats
-    ends = [A.frame_ends_seconds(c, cfg.hop_ms / 1000.0, t) for c, t in zip(counts, durations)]
-    # two HMM-GMMs: one started from the classifier's alignment, one from a flat start (it shares none of the
-    # classifier's errors); the refined boundary is the weighted mean of the three
-    stats["hmm"] = {}
-    members = [(1.0 - opts.hmm_weight, ends)]
-    for name, init, sched in (("from_refined", ends, hcfg.schedule), ("flat_start", None, FLAT_START_SCHEDULE)):
-        h, stats["hmm"][name] = hmm_realign(mfccs, durations, unit_ids, init, len(vocab),
-                                            dataclasses.replace(hcfg, schedule=sched), log)
-        members.append((opts.hmm_weight / 2.0, h))
-    grid = 0.001
-    for i, (d, rc, t) in enumerate(zip(passed, confs, durations)):
-        have = [(w, m[i]) for w, m in members if m[i] is not None]  # an HMM skips rows too fast for 3 states/unit
-        total = sum(w for w, _ in have)
-        e = sum(w * m for w, m in have) / total if total > 0 else ends[i]
-        d.update(frames=A.ends_to_counts(e, int(round(t / grid)), grid), hop_s=grid, refine_conf=rc)
+    counts, hop_s, confs, stats = refine_boundaries(
+        lambda i: load_audio(passed[i].item.wav, cfg.sample_rate)[0], [a.item.duration_s for a in passed],
+        [a.unit_ids() for a in passed], first_ends, len(vocab), cfg, opts.hmm_aligner, opts.hmm_weight,
+        opts.hmm_flat_start_schedule, device, log, fixed, timing)
+    for a, c, rc in zip(passed, counts, confs):
+        a.frames, a.hop_s, a.refine_confidence = c, hop_s, rc
     return stats
 
 
-def _fit_labelled(passed: list[dict], labelled: dict, out: Path, opts: Options) -> Calibration:
+def _fit_labelled(passed: list[Alignment], labelled: dict, out: Path, opts: ExportOptions) -> Calibration:
     """Calibration offsets from the labelled rows of this export (``common/calibration.py``), saved to ``out``."""
     samples = []
     for i, ref in labelled.items():
-        d = passed[i]
-        samples += calibration.boundary_samples(d["it"].spk, d["units"][0], _unit_ends(d), ref)
+        a = passed[i]
+        samples += calibration.boundary_samples(a.item.spk, a.units, a.unit_ends(), ref)
     cal = calibration.fit(samples, info={"utterances": len(labelled), "boundaries": len(samples),
                                          "reference": str(opts.labelled), "refined": opts.refine})
     cal.save(out)
     return cal
 
 
-def _calibrate(done: list[dict], cal: Calibration | None) -> None:
+def _calibrate(rows: list[Alignment], cal: Calibration | None) -> None:
     """Move each utterance's boundaries by the calibrated offsets of their types (``common/calibration.py``)."""
     if cal is None:
         return
-    for d in done:
-        ends = calibration.apply(d["units"][0], _unit_ends(d), d["it"].spk, cal, d["hop_s"])
-        d["frames"] = A.ends_to_counts(ends, int(np.sum(d["frames"])), d["hop_s"])
+    for a in rows:
+        a.move_to(calibration.apply(a.units, a.unit_ends(), a.item.spk, cal, a.hop_s))
 
 
-def _unit_ends(d: dict) -> np.ndarray:
-    """End time (s) of each aligned unit of a finished utterance (its frame counts at its hop)."""
-    return A.frame_ends_seconds(d["frames"], d["hop_s"], d["it"].num_samples / d["it"].sr)
-
-
-def _write_all(done: list[dict], opts: Options, align_file: Path, results: dict, failures: dict) -> float:
+def _write_all(rows: list[Alignment], opts: ExportOptions, align_file: Path, results: dict, failures: dict) -> float:
     """Write every finished utterance; returns the seconds of audio written."""
     audio_s = 0.0
-    for d in done:
-        it = d["it"]
+    for a in rows:
         try:
-            results[it.rel] = _write_one(d, opts, align_file)
-            audio_s += it.num_samples / it.sr
+            results[a.item.rel] = _write_one(a, opts, align_file)
+            audio_s += a.item.duration_s
         except (UserError, ValueError, OSError) as err:
-            failures[it.rel] = str(err)
+            failures[a.item.rel] = str(err)
     return audio_s
 
 
-def _write_one(d: dict, opts: Options, align_file: Path) -> dict:
-    """One utterance's files. ``d``: the item, its aligned units, per-unit frame counts at ``hop_s``, the CTC
-    confidence of each token and the greedy PER (first pass), and the refiner's per-unit confidence if refined."""
-    it, (tokens, lead, trail), frames, hop_s, conf, per = (d["it"], d["units"], d["frames"], d["hop_s"], d["conf"],
-                                                            d["per"])
-    duration = it.num_samples / it.sr
-    seq, counts = matcha_layout(tokens, frames.tolist(), add_blank=opts.add_blank)
-    ends = A.frame_ends_seconds(np.asarray(counts), hop_s, duration)
-    durs = boundaries_to_matcha(ends, it.mel_frames, it.sr, opts.hop_length)
-    unit_ends = _unit_ends(d)
+def _write_one(a: Alignment, opts: ExportOptions, align_file: Path) -> dict:
+    """One utterance's files: the duration file, its ``alignments.jsonl`` line, its TextGrid; returns its report
+    entry (confidence, greedy PER, frames, review flags)."""
+    it = a.item
+    seq, durs = export_durations(a.units, a.frames, asr_frame_s=a.hop_s, num_frames=it.mel_frames,
+                                 sample_rate=it.sr, hop_length=opts.hop_length, add_blank=opts.add_blank,
+                                 duration_s=it.duration_s)
+    unit_ends = a.unit_ends()
     phone_s = np.diff(np.concatenate([[0.0], unit_ends]))
     flags = []
-    if conf.mean() < opts.low_conf:
+    if a.confidence.mean() < opts.low_conf:
         flags.append("low_confidence")
-    phone_mask = [t not in A.SILENCE_TOKENS and t != A.SIL for t in tokens]
-    if np.any(phone_s[phone_mask] > opts.max_phone_s):
+    if np.any(phone_s[[t not in SILENCE_TOKENS for t in a.units]] > opts.max_phone_s):
         flags.append("long_phone")
-    if per > opts.high_per:
+    if a.greedy_per > opts.high_per:
         flags.append("high_per")
     extra = {}
-    if "refine_conf" in d:
-        rc = d["refine_conf"][1 if lead else 0:][: len(it.ids)]
+    if a.refine_confidence is not None:
+        rc = a.refine_confidence[1 if a.lead else 0:][: len(it.ids)]
         extra["refine_confidence"] = [round(float(c), 4) for c in rc]
     rec = alignment_record(it.rel, seq, durs, add_blank=opts.add_blank, sample_rate=it.sr,
-                           hop_length=opts.hop_length, aligned_tokens=tokens,
+                           hop_length=opts.hop_length, aligned_tokens=a.units,
                            aligned_ends_s=[round(float(e), 5) for e in unit_ends],
-                           confidence=[round(float(c), 4) for c in conf], speaker=it.spk, **extra)
+                           confidence=[round(float(c), 4) for c in a.confidence], speaker=it.spk, **extra)
     append_alignment(align_file, rec)
     if opts.textgrid:
-        from common.boundaries import spans_from_ends
+        from common.boundary_eval import spans_from_ends
         from common.textgrid import words_from_spans, write_textgrid
 
-        spans = spans_from_ends(tokens, unit_ends)
+        spans = spans_from_ends(a.units, unit_ends)
         tg = safe_join(opts.corpus / "textgrids", it.rel + ".TextGrid", it.where)
-        write_textgrid(tg, [s for s in spans if s.label not in (A.SIL,)], words_from_spans(spans), duration)
-    write_durations(it.out, durs, opts.fmt)
-    return {"confidence": round(float(conf.mean()), 4), "greedy_per": round(per, 2), "frames": int(durs.sum()),
-            "flags": flags}
+        write_textgrid(tg, [s for s in spans if s.label != SIL], words_from_spans(spans), it.duration_s)
+    write_durations(it.out, durs, opts.format)
+    return {"confidence": round(float(a.confidence.mean()), 4), "greedy_per": round(a.greedy_per, 2),
+            "frames": int(durs.sum()), "flags": flags}
 
 
-def _plot(it: Item, tokens, frames, scores: torch.Tensor, hop_s: float, out_dir: Path) -> None:
+def _plot(a: Alignment, scores: torch.Tensor, out_dir: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from common.audio import load_audio as _load
+    from common.audio import load_audio
     from common.io import atomic_path
 
-    wav, sr = _load(it.wav)
-    S = scores.cpu().numpy()
+    it, hop_s = a.item, a.hop_s
+    wav, sr = load_audio(it.wav)
+    S = scores.numpy()
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 6), sharex=False)
     ax1.specgram(wav.numpy(), NFFT=512, Fs=sr, noverlap=384, cmap="magma")
-    ends = np.cumsum(frames)
-    for e, t in zip(ends, tokens):
+    ends = np.cumsum(a.frames)
+    for e in ends:
         ax1.axvline((e - 0.5) * hop_s, color="c", lw=0.6)
     starts = np.concatenate([[0], ends[:-1]])
-    for s, e, t in zip(starts, ends, tokens):
+    for s, e, t in zip(starts, ends, a.units):
         ax1.text(((s + e) / 2 - 0.5) * hop_s, sr * 0.45, t, color="w", ha="center", fontsize=7)
     ax1.set_ylabel("Hz")
     ax1.set_title(f"{it.rel}: audio with phone boundaries")
     ax2.imshow(np.maximum(S, -20), aspect="auto", origin="lower", interpolation="nearest")
     path_t = np.arange(int(ends[-1]))
-    path_u = np.searchsorted(ends, path_t, side="right")
-    ax2.plot(path_t, path_u, "r-", lw=0.8)
+    ax2.plot(path_t, np.searchsorted(ends, path_t, side="right"), "r-", lw=0.8)
     ax2.set_xlabel("encoder frame (10 ms)")
     ax2.set_ylabel("token")
     ax2.set_title("alignment scores with the MAS path")

@@ -12,8 +12,8 @@ monophone stage (Kaldi ``train_mono``) does it.
   path leaves every state exactly once, so the exit terms add the same constant to every path. So the alignment
   step is our batched ``maximum_path`` (common/mas.py).
 
-Used two ways: ``common/export.py`` runs it twice after the neural refinement (once initialised from that
-alignment, once from a flat start) and averages the three boundary sets (their errors are partly independent);
+Used two ways: ``common.refine.refine_boundaries`` runs it twice after the neural refinement (once initialised from
+that alignment, once from a flat start) and averages the three boundary sets (their errors are partly independent);
 ``benchmarks/hmm_gmm.py`` runs it from a flat start alone as the competitor baseline.
 """
 from __future__ import annotations
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import align as A
+from common import frames as F
+from common.mas import mas_frames
 from common.audio import length_buckets, sample_hours
 
 LOG2PI = math.log(2 * math.pi)
@@ -150,7 +151,7 @@ def viterbi(model: StateGMMs, feats: list[torch.Tensor], seqs: list[torch.Tensor
     out: list[np.ndarray] = [None] * len(feats)  # type: ignore[list-item]
     for idx in length_buckets([f.shape[0] for f in feats], frames_per_batch):
         scores = [model.loglik(feats[i], seqs[i]) + model.log_self[seqs[i]][:, None] for i in idx]
-        for i, fr in zip(idx, A.mas_frames(scores, [feats[i].shape[0] for i in idx])):
+        for i, fr in zip(idx, mas_frames(scores, [feats[i].shape[0] for i in idx])):
             out[i] = fr
     return out
 
@@ -186,8 +187,7 @@ def train_align(feats: list[torch.Tensor], unit_ids: list[list[int]], n_units: i
         new = viterbi(model, feats, seqs)
         moved = float(np.mean([np.abs(np.cumsum(a) - np.cumsum(b)).mean() for a, b in zip(new, counts)]))
         counts = new
-        stats["passes"].append({"gaussians": n_mix, "mean_state_boundary_move_frames": round(moved, 3),
-                                "seconds": round(time.time() - t, 2)})
+        stats["passes"].append({"gaussians": n_mix, "mean_state_boundary_move_frames": round(moved, 3)})
         if log:
             log(f"hmm-gmm pass {p + 1}/{len(cfg.schedule)}: {n_mix} Gaussian(s)/state, state boundaries moved "
                 f"{moved:.2f} frames ({time.time() - t:.1f} s)")
@@ -207,10 +207,11 @@ def features(load_wav, n_utts: int, cfg: HMMConfig) -> tuple[list[torch.Tensor],
 
 def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: list[list[int]],
                 init_ends_s: list[np.ndarray] | None, n_units: int, cfg: HMMConfig | None = None,
-                log=None) -> tuple[list[np.ndarray | None], dict]:
+                log=None, timing: dict | None = None) -> tuple[list[np.ndarray | None], dict]:
     """Viterbi-train on ``feats`` (``features()``, at ``cfg.hop_ms``) and re-align: ``unit_ids[i]`` are utterance
     ``i``'s unit class ids (< ``n_units``), ``init_ends_s[i]`` their end times (s) to start from (None: a flat
-    start). Returns (unit end times (s) per utterance, None for one with fewer frames than states, stats)."""
+    start). Returns (unit end times (s) per utterance, None for one with fewer frames than states, stats); the
+    wall-clock seconds go to ``timing["seconds"]``."""
     cfg = cfg or HMMConfig()
     t0 = time.time()
     hop_s = cfg.hop_ms / 1000.0
@@ -222,7 +223,7 @@ def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: lis
     if ok:
         # a seeded sample of at most max_train_hours of audio trains the GMMs; the final model aligns every row
         train, acc = sample_hours(ok, durations, cfg.max_train_hours, cfg.seed)
-        init = None if init_ends_s is None else [A.ends_to_counts(init_ends_s[i], feats[i].shape[0], hop_s)
+        init = None if init_ends_s is None else [F.ends_to_counts(init_ends_s[i], feats[i].shape[0], hop_s)
                                                  for i in train]
         counts, st, model = train_align([feats[i] for i in train], [unit_ids[i] for i in train], n_units, cfg, init,
                                         log)
@@ -232,6 +233,7 @@ def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: lis
             fr = viterbi(model, [feats[i] for i in rest], state_sequences([unit_ids[i] for i in rest], cfg.states))
             counts = counts + [c.reshape(-1, cfg.states).sum(1) for c in fr]
         for i, c in zip(train + rest, counts):
-            out[i] = A.frame_ends_seconds(c, hop_s, durations[i])
-    stats["seconds"] = round(time.time() - t0, 1)
+            out[i] = F.frame_ends_seconds(c, hop_s, durations[i])
+    if timing is not None:
+        timing["seconds"] = round(time.time() - t0, 2)
     return out, stats

@@ -95,7 +95,7 @@ def safe_join(root: str | os.PathLike, rel: str, where: str = "") -> Path:
 
 
 def write_manifest(path: str | os.PathLike, rows: Iterable[dict]) -> int:
-    """Write a SpeechBrain CSV manifest (design.md columns) atomically; return the row count."""
+    """Write a SpeechBrain CSV manifest (docs/design.md columns) atomically; return the row count."""
     n = 0
     with atomic_write(path, newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")

@@ -43,6 +43,7 @@ __all__ = ["maximum_path", "maximum_path_reference", "backend_name", "available_
 
 BACKENDS = ("auto", "sma", "triton", "numba", "reference")
 NEG = -1e9  # score of a missing predecessor (same constant as Glow-TTS, Matcha-TTS and super-monotonic-align)
+LOG_FLOOR = -50.0  # callers floor log-probability scores here (keeps -inf out of MAS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,3 +408,19 @@ def maximum_path(value: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype = t
     _check_inputs(value, mask)
     name = backend_name(value.device) if backend == "auto" else backend
     return _IMPLS[name](value, mask, dtype)
+
+
+def mas_frames(scores: list[torch.Tensor], frame_lens: list[int]) -> list[np.ndarray]:
+    """Batch MAS: per-utterance [U_b, T_b] scores -> per-row frame counts (int64 arrays, sum = T_b)."""
+    B = len(scores)
+    U = max(s.shape[0] for s in scores)
+    T = max(frame_lens)
+    dev = scores[0].device
+    value = torch.zeros(B, U, T, device=dev)
+    mask = torch.zeros(B, U, T, device=dev)
+    for b, (s, t) in enumerate(zip(scores, frame_lens)):
+        value[b, : s.shape[0], :t] = s[:, :t]
+        mask[b, : s.shape[0], :t] = 1
+    path = maximum_path(value, mask)
+    counts = path.sum(-1).long().cpu().numpy()
+    return [counts[b, : s.shape[0]] for b, s in enumerate(scores)]

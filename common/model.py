@@ -23,21 +23,17 @@ Inference API (used by export / decode scripts)::
 """
 from __future__ import annotations
 
-import copy
-import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import torch
 import torch.nn as nn
-from speechbrain.nnet.adapters import AdaptedModel, LoRA, replace_module
 
+from common.frames import hop_samples
 from common.io import UserError
+from common.run_folder import HPARAMS_FILE, TOKENS_FILE
 from common.vocab import BLANK_ID, BOS_ID, Vocab
-
-HPARAMS_FILE = "hyperparams.yaml"
-TOKENS_FILE = "tokens.txt"
-LORA_FILE = "lora.json"  # adapters-only runs: LoRA settings + the base model's checkpoint folder
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -51,9 +47,9 @@ def vocab_size(tokens_file: str) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 # Frame arithmetic
 # --------------------------------------------------------------------------------------------------------------------
-def num_feature_frames(num_samples: int, hop_samples: int) -> int:
-    """Frames of SpeechBrain's Fbank (``center=True``): ``num_samples // hop + 1``."""
-    return int(num_samples) // int(hop_samples) + 1
+def feature_hop_samples(hparams) -> int:
+    """Samples per feature frame of the recognizer (``sample_rate`` x ``hop_length`` ms of its yaml)."""
+    return hop_samples(int(_hp(hparams, "sample_rate")), float(_hp(hparams, "hop_length")))
 
 
 def ctc_min_frames(token_ids: list[int]) -> int:
@@ -259,131 +255,6 @@ def ctc_greedy(ctc_logp: torch.Tensor, wav_lens: torch.Tensor) -> list[list[int]
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Fine-tuning: pretrained checkpoints and LoRA adapters
-# --------------------------------------------------------------------------------------------------------------------
-class LoRAWithDropout(LoRA):
-    """SpeechBrain's ``LoRA`` (``W x + (alpha / r) * B A x``, ``B`` zero-initialised) with dropout on the adapter
-    input, as in the LoRA paper / HF peft (``lora_dropout``)."""
-
-    def __init__(self, target_module, rank: int = 16, alpha: float = 1.0, dropout: float = 0.0):
-        super().__init__(target_module, rank=rank, alpha=alpha)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pretrained_module(x) + self.adapter_up_proj(self.adapter_down_proj(self.dropout(x))) * self.scaling
-
-    def merged(self) -> nn.Module:
-        """A copy of the wrapped layer with ``(alpha / r) * B A`` folded into its weight (same output in eval)."""
-        base = copy.deepcopy(self.pretrained_module)
-        down, up = self.adapter_down_proj.weight.double(), self.adapter_up_proj.weight.double()
-        if isinstance(base, nn.Linear):
-            delta = up @ down
-        else:  # Conv: down mirrors the layer's kernel, up is pointwise -> delta[o, i, k...] = sum_r up[o, r] down[r, i, k...]
-            delta = torch.einsum("or,r...->o...", up.flatten(1), down)
-        with torch.no_grad():  # in float64, rounded once
-            base.weight.copy_((base.weight.double() + delta * self.scaling).to(base.weight.dtype))
-        for p in base.parameters():
-            p.requires_grad_(True)
-        return base
-
-
-def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, conv: bool = False) -> AdaptedModel:
-    """Freeze ``model`` and wrap its ``nn.Linear`` layers (and ``Conv1d/2d/3d`` when ``conv``) in place with LoRA
-    adapters (``speechbrain.nnet.adapters.AdaptedModel``); ``.replace_layers`` lists the adapted layers. The
-    returned object is the checkpoint recoverable: its saver writes the adapter weights only."""
-    if int(rank) < 1:
-        raise UserError(f"--lora_r must be >= 1, got {rank}")
-    if not 0 <= float(dropout) < 1:
-        raise UserError(f"--lora_dropout must be in [0, 1), got {dropout}")
-    adapted = AdaptedModel(model_to_adapt=model, adapter_class=LoRAWithDropout, all_linear=True, all_conv=bool(conv),
-                           adapter_kwargs={"rank": int(rank), "alpha": float(alpha), "dropout": float(dropout)})
-    if not adapted.replace_layers:
-        raise UserError("LoRA found no layer to adapt in the model")
-    return adapted
-
-
-def merge_lora(adapted: AdaptedModel) -> nn.Module:
-    """A plain copy of the adapted model with every adapter folded into its layer's weight (state_dict keys as the
-    model without LoRA, so ``load_for_inference`` reads it like any other run)."""
-    model = copy.deepcopy(adapted.adapted_model)
-    for name in adapted.replace_layers:
-        replace_module(model, name, model.get_submodule(name).merged())
-    return model
-
-
-def lora_state(adapted: AdaptedModel) -> dict:
-    """The adapter weights only (what ``AdaptedModel``'s checkpoint saver writes)."""
-    return {k: v.detach().clone() for k, v in adapted.state_dict(keep_vars=True).items() if v.requires_grad}
-
-
-def load_lora_state(adapted: AdaptedModel, path) -> None:
-    """Load adapter weights; unlike ``AdaptedModel.loader`` (strict=False) every adapter must be in the file."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    want = set(lora_state(adapted))
-    if set(state) != want:
-        missing, extra = sorted(want - set(state))[:3], sorted(set(state) - want)[:3]
-        raise UserError(f"{path}: LoRA adapters do not match the model (missing {missing}, unexpected {extra}); "
-                        f"same --lora_r/--lora_conv and model sizes as the run that wrote it?")
-    adapted.load_state_dict(state, strict=False)
-
-
-def find_pretrained_checkpoint(path) -> Path:
-    """``--pretrained_path``: an output_folder (its best valid-PER checkpoint in ``save/``) or one ``CKPT+...``
-    folder -> the checkpoint folder holding ``model.ckpt``."""
-    from speechbrain.utils.checkpoints import Checkpointer
-
-    path = Path(path)
-    if (path / "model.ckpt").is_file() or (path / "lora.ckpt").is_file():
-        ckpt = path
-    elif (path / "save").is_dir() or any(path.glob("CKPT+*")):
-        save = path / "save" if (path / "save").is_dir() else path
-        found = Checkpointer(save).find_checkpoint(min_key="PER") or Checkpointer(save).find_checkpoint()
-        if found is None:
-            raise UserError(f"--pretrained_path {path}: no checkpoint in {save}")
-        ckpt = Path(found.path)
-    else:
-        raise UserError(f"--pretrained_path {path}: neither an output_folder of recipes/train.py (with save/) nor a "
-                        f"checkpoint folder (save/CKPT+... with model.ckpt)")
-    if not (ckpt / "model.ckpt").is_file():
-        raise UserError(f"--pretrained_path {path}: {ckpt} holds LoRA adapters only (trained with --save_full_model "
-                        f"False); fine-tune from a run saved with full weights (--save_full_model True)")
-    return ckpt.resolve()
-
-
-def pretrained_tokens_file(ckpt: Path) -> Path | None:
-    """tokens.txt of the run a checkpoint folder belongs to (``<output_folder>/save/CKPT+.../``)."""
-    for d in (ckpt, ckpt.parent, ckpt.parent.parent):
-        if (d / TOKENS_FILE).is_file():
-            return d / TOKENS_FILE
-    return None
-
-
-def check_pretrained(ckpt: Path, model: nn.Module, vocab: Vocab, where: str) -> None:
-    """Vocabulary and parameter shapes of a pretrained checkpoint must match the model (UserError otherwise)."""
-    tok = pretrained_tokens_file(ckpt)
-    if tok is not None:
-        theirs = Vocab.load(tok).tokens
-        if theirs != vocab.tokens:
-            diff = next((i for i, (a, b) in enumerate(zip(theirs, vocab.tokens)) if a != b),
-                        min(len(theirs), len(vocab.tokens)))
-            a = theirs[diff] if diff < len(theirs) else None
-            b = vocab.tokens[diff] if diff < len(vocab.tokens) else None
-            raise UserError(f"--pretrained_path {where}: vocabulary differs from this corpus ({len(theirs)} vs "
-                            f"{len(vocab.tokens)} tokens, first difference at id {diff}: {a!r} vs {b!r}); fine-tune "
-                            f"with the pretrained {tok} (copy it into --data_folder) or train from scratch")
-    state = torch.load(ckpt / "model.ckpt", map_location="cpu", weights_only=True)
-    ours = model.state_dict()
-    bad = [k for k in ours if k not in state or tuple(state[k].shape) != tuple(ours[k].shape)]
-    bad += [k for k in state if k not in ours]
-    if bad:
-        k = bad[0]
-        detail = (f"{k}: {tuple(state[k].shape) if k in state else 'missing'} vs "
-                  f"{tuple(ours[k].shape) if k in ours else 'missing'}")
-        raise UserError(f"--pretrained_path {where}: its model does not match these hparams ({len(bad)} tensors "
-                        f"differ, e.g. {detail}); use the same model sizes as the pretrained run")
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Loading a trained model
 # --------------------------------------------------------------------------------------------------------------------
 def load_wav(path, hparams) -> torch.Tensor:
@@ -393,14 +264,22 @@ def load_wav(path, hparams) -> torch.Tensor:
     return load_audio(path, int(_hp(hparams, "sample_rate")))[0]
 
 
-def load_for_inference(model_dir, device: str = "cpu", min_key: str = "PER", overrides: dict | None = None):
-    """Rebuild a trained recognizer from its ``output_folder``.
+@dataclass
+class TrainedModel:
+    """A trained recognizer loaded from its run folder (``load_run``)."""
+    modules: nn.ModuleDict  # eval mode, on the device asked for
+    hparams: dict  # the run's hyperparams.yaml, loaded
+    vocab: Vocab
+    checkpoint: Path  # the checkpoint folder whose weights were loaded
+    run: Path  # the run folder
+
+
+def load_run(model_dir, device: str = "cpu", min_key: str = "PER", overrides: dict | None = None) -> TrainedModel:
+    """Rebuild a trained recognizer from its ``output_folder`` (the run folder, ``common/run_folder.py``).
 
     Reads ``<model_dir>/hyperparams.yaml`` (saved by ``recipes/train.py`` with the CLI overrides baked in) with
     ``tokens_file`` pointed at ``<model_dir>/tokens.txt`` and ``output_folder`` at ``model_dir`` (so the run folder
-    can be moved), loads the checkpoint with the lowest ``min_key`` (valid PER) through the yaml's Checkpointer,
-    and returns ``(modules, hparams, vocab)``: ``modules`` an eval-mode ``torch.nn.ModuleDict`` on ``device``
-    (keys of the yaml ``modules``), ``hparams`` the loaded yaml dict, ``vocab`` the ``Vocab``.
+    can be moved), and loads the checkpoint with the lowest ``min_key`` (valid PER) through the yaml's Checkpointer.
     """
     from hyperpyyaml import load_hyperpyyaml
 
@@ -421,30 +300,20 @@ def load_for_inference(model_dir, device: str = "cpu", min_key: str = "PER", ove
     if ckpt is None:
         raise UserError(f"{ckpter.checkpoints_dir}: no checkpoint found; train first (recipes/train.py)")
     if "model" not in ckpt.paramfiles and "lora" in ckpt.paramfiles:  # LoRA adapters only: base + adapters
-        _load_lora_run(model_dir, hparams, ckpter, ckpt)
+        from common.finetune import load_lora_run
+
+        load_lora_run(model_dir, hparams, ckpter, ckpt)
     else:
         ckpter.load_checkpoint(ckpt)
     modules = nn.ModuleDict(dict(hparams["modules"])).to(device).eval()
-    return modules, hparams, Vocab.load(tok_file)
+    return TrainedModel(modules, hparams, Vocab.load(tok_file), Path(ckpt.path).resolve(), model_dir.resolve())
 
 
-def _load_lora_run(model_dir: Path, hparams, ckpter, ckpt) -> None:
-    """Adapters-only run (``--save_full_model False``): base weights from the checkpoint named in ``lora.json``,
-    LoRA wrapped around them as in training, adapters from ``lora.ckpt``, the rest (normalization) from ``ckpt``."""
-    info_file = model_dir / LORA_FILE
-    if not info_file.is_file():
-        raise UserError(f"{ckpt.path} holds LoRA adapters only but {info_file} (the pointer to the base model) is missing")
-    info = json.loads(info_file.read_text(encoding="utf-8"))
-    base = Path(info["base_checkpoint"])
-    if not (base / "model.ckpt").is_file():
-        raise UserError(f"{model_dir}: base model {base}/model.ckpt of these LoRA adapters not found (moved or "
-                        f"deleted?); put it back or edit base_checkpoint in {info_file}")
-    model = hparams["model"]
-    model.load_state_dict(torch.load(base / "model.ckpt", map_location="cpu", weights_only=True))
-    adapted = add_lora(model, info["lora_r"], info["lora_alpha"], info["lora_dropout"], info.get("lora_conv", False))
-    load_lora_state(adapted, ckpt.paramfiles["lora"])
-    del ckpter.recoverables["model"]
-    ckpter.load_checkpoint(ckpt)
+def load_for_inference(model_dir, device: str = "cpu", min_key: str = "PER", overrides: dict | None = None):
+    """``load_run`` as ``(modules, hparams, vocab)``: ``modules`` an eval-mode ``torch.nn.ModuleDict`` on ``device``
+    (keys of the yaml ``modules``), ``hparams`` the loaded yaml dict, ``vocab`` the ``Vocab``."""
+    m = load_run(model_dir, device, min_key, overrides)
+    return m.modules, m.hparams, m.vocab
 
 
 def batch_tokens_bos(token_ids: list[list[int]], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -471,8 +340,7 @@ def batch_wavs(wavs: list[torch.Tensor], device="cpu") -> tuple[torch.Tensor, to
 
 
 __all__ = [
-    "ConvRNNEncoder", "guided_attention_loss", "forward_scores", "load_for_inference", "load_wav", "ctc_greedy",
-    "batch_tokens_bos", "batch_wavs", "compute_feats", "encode", "ctc_log_probs", "attention_decode",
-    "num_feature_frames", "ctc_min_frames", "abs_lengths", "vocab_size", "LoRAWithDropout", "add_lora", "merge_lora",
-    "lora_state", "load_lora_state", "find_pretrained_checkpoint", "check_pretrained",
+    "ConvRNNEncoder", "guided_attention_loss", "forward_scores", "load_run", "load_for_inference", "TrainedModel",
+    "load_wav", "ctc_greedy", "batch_tokens_bos", "batch_wavs", "compute_feats", "encode", "ctc_log_probs",
+    "attention_decode", "ctc_min_frames", "abs_lengths", "vocab_size", "feature_hop_samples",
 ]

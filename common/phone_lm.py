@@ -73,6 +73,15 @@ class PhoneNgramLM:
         seqs = [vocab.encode(r.get("phn") or "", where=f"{csv_path} (ID {r['ID']})") for r in read_manifest(csv_path)]
         return cls.fit([s for s in seqs if s], len(vocab), order)
 
+    @classmethod
+    def from_run(cls, run: Path, vocab, order: int = 3) -> "PhoneNgramLM":
+        """Fit on the training transcripts a run folder keeps (``train_phonemes.txt``, common/run_folder.py)."""
+        from common.run_folder import TRAIN_PHONEMES_FILE, train_phonemes
+
+        where = Path(run) / TRAIN_PHONEMES_FILE
+        seqs = [vocab.encode(row, where=f"{where}:{n}") for n, row in enumerate(train_phonemes(run), 1)]
+        return cls.fit([s for s in seqs if s], len(vocab), order)
+
     def logprob(self, seq: Sequence[int], bos: int = BOS_ID, eos: int = EOS_ID) -> float:
         """Total log-probability of a sequence (with its end of sentence)."""
         s = [bos, bos, *map(int, seq), eos]

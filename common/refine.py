@@ -23,10 +23,15 @@ boundary, so where it switches from one phone to the next is decided by the soun
 in ~30 s for 18 minutes of audio on 2 CPU cores.
 
 Features: 80 log-mel bands (25 ms window) at ``hop_ms``, normalised per utterance. Frame ``f`` is centred at
-``f * hop`` (``center=True``), the convention of ``common.align``.
+``f * hop`` (``center=True``), the convention of ``common.frames``.
+
+``refine_boundaries`` is the export's whole refinement: this loop, then two HMM-GMM alignments (``common.hmm``, one
+started from the classifier's alignment, one from a flat start), each boundary the weighted mean of the three
+(``fuse_boundaries``). Its knobs are ``RefineConfig`` / ``HMMConfig``, declared in ``hparams/export.yaml``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -36,7 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import align as A
+from common import frames as F
+from common.mas import LOG_FLOOR, mas_frames
 from common.audio import length_buckets, sample_hours
 
 IGNORE = -100
@@ -125,7 +131,7 @@ def frame_labels(unit_ids: list[int], ends_s, n_frames: int, hop_s: float, margi
 
 
 def unit_label_ids(ids: list[int], lead: bool, trail: bool, blank_id: int = 0) -> list[int]:
-    """Class ids of the aligned units: the token ids, with the blank id for the ``<sil>`` edge slots."""
+    """Class ids of the aligned units: the token ids, with the blank id for the silence edge slots."""
     return ([blank_id] if lead else []) + list(ids) + ([blank_id] if trail else [])
 
 
@@ -205,9 +211,9 @@ def realign(model: FrameClassifier, feats: list[torch.Tensor], unit_ids: list[li
             s = logp[b, :T, ids].t()
             if priors is not None and cfg.prior_weight:
                 s = s - cfg.prior_weight * priors[ids][:, None]
-            scores.append(s.clamp_min(A.LOG_FLOOR))
+            scores.append(s.clamp_min(LOG_FLOOR))
             lengths.append(T)
-        frames = A.mas_frames(scores, lengths)
+        frames = mas_frames(scores, lengths)
         for b, i in enumerate(idx):
             fr = frames[b]
             counts[i] = fr
@@ -219,14 +225,14 @@ def realign(model: FrameClassifier, feats: list[torch.Tensor], unit_ids: list[li
 
 
 def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[np.ndarray], n_tokens: int,
-           cfg: RefineConfig, device: str = "cpu", log=None,
-           fixed_ends_s: dict[int, np.ndarray] | None = None) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
+           cfg: RefineConfig, device: str = "cpu", log=None, fixed_ends_s: dict[int, np.ndarray] | None = None,
+           timing: dict | None = None) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
     """The whole loop. ``load_wav(i)`` gives utterance ``i``'s waveform at ``cfg.sample_rate`` (read once; only its
     features are kept, in fp16: ~1.2 GB per 10 hours); ``first_ends_s[i]`` the end time (s) of each of its
     ``unit_ids[i]`` (class ids < ``n_tokens``). ``fixed_ends_s[i]``: hand-checked unit end times of utterance
     ``i``; its training labels stay those in every round, with no unsure margin (semi-supervised: the classifier
     learns where the labeller puts boundaries). Returns (per-unit frame counts at ``cfg.hop_ms``, per-unit
-    confidence = mean classifier posterior over its frames, stats)."""
+    confidence = mean classifier posterior over its frames, stats); wall-clock seconds go to ``timing``."""
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     deadline = t0 + 60 * cfg.max_minutes if cfg.max_minutes > 0 else None
@@ -242,8 +248,9 @@ def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[
         train_idx = sorted(set(train_idx) | set(fixed))
     model = FrameClassifier(n_tokens, feats[0].shape[1], cfg.channels, tuple(cfg.dilations), cfg.kernel).to(device)
     ends = [fixed.get(i, np.asarray(e, dtype=np.float64)) for i, e in enumerate(first_ends_s)]
-    stats = {"rounds": [], "train_utts": len(train_idx), "train_audio_s": round(acc, 1), "fixed_utts": len(fixed),
-             "features_s": round(time.time() - t0, 1)}
+    stats = {"rounds": [], "train_utts": len(train_idx), "train_audio_s": round(acc, 1), "fixed_utts": len(fixed)}
+    if timing is not None:
+        timing["refine_features_s"] = round(time.time() - t0, 2)
     counts: list[np.ndarray] = []
     confs: list[np.ndarray] = []
     for r in range(max(1, cfg.rounds)):
@@ -254,7 +261,7 @@ def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[
                                   cfg.epochs if r == 0 else cfg.epochs_later, cfg, deadline, device, log)
         priors = log_priors([labels[i] for i in train_idx], n_tokens)
         counts, confs = realign(model, feats, unit_ids, cfg, priors, device)
-        new_ends = [A.frame_ends_seconds(c, fx.hop_s, d) for c, d in zip(counts, durations)]
+        new_ends = [F.frame_ends_seconds(c, fx.hop_s, d) for c, d in zip(counts, durations)]
         inner = np.concatenate([np.abs(a[:-1] - b[:-1]) for a, b in zip(new_ends, ends)])
         moved = float(inner.mean()) * 1000 if inner.size else 0.0
         ends = [fixed.get(i, e) for i, e in enumerate(new_ends)]
@@ -264,5 +271,68 @@ def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[
             log(f"refine round {r + 1}/{cfg.rounds}: boundaries moved {moved:.1f} ms on average")
         if deadline is not None and time.time() > deadline:
             break
-    stats["seconds"] = round(time.time() - t0, 1)
+    if timing is not None:
+        timing["refine_classifier_s"] = round(time.time() - t0, 2)
     return counts, confs, stats
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The export's refinement: the frame classifier, then two HMM-GMMs, fused
+# --------------------------------------------------------------------------------------------------------------------
+FUSION_GRID_S = 0.001  # fused boundaries are kept on a 1 ms grid
+
+
+def fuse_boundaries(members: list[tuple[float, list]], fallback: list[np.ndarray]) -> list[np.ndarray]:
+    """Per utterance, the weighted mean of the members' unit end times (``members``: ``(weight, ends per
+    utterance)``, an entry None where that member skipped the utterance); ``fallback[i]`` where none has it."""
+    out = []
+    for i, base in enumerate(fallback):
+        have = [(w, m[i]) for w, m in members if m[i] is not None]
+        total = sum(w for w, _ in have)
+        out.append(sum(w * m for w, m in have) / total if total > 0 else base)
+    return out
+
+
+def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]], first_ends_s: list[np.ndarray],
+                      n_tokens: int, cfg: RefineConfig, hmm=None, hmm_weight: float = 0.0,
+                      flat_start_schedule=None, device: str = "cpu", log=None,
+                      fixed_ends_s: dict[int, np.ndarray] | None = None,
+                      timing: dict | None = None) -> tuple[list[np.ndarray], float, list[np.ndarray], dict]:
+    """Refine every utterance's first-pass boundaries: ``refine`` (the frame classifier); then, when
+    ``hmm_weight`` > 0, two HMM-GMMs (``common.hmm``, config ``hmm``), one Viterbi-trained from the classifier's
+    alignment and one from a flat start (``flat_start_schedule``; it shares none of the classifier's errors); each
+    boundary is the weighted mean of the three, ``1 - hmm_weight`` for the classifier and ``hmm_weight / 2`` for
+    each HMM. ``load_wav(i)``: utterance ``i`` at ``cfg.sample_rate`` (read once for every pass). Returns (frames
+    per unit, their hop in seconds: the classifier's, or the 1 ms fusion grid; the classifier's per-unit confidence;
+    stats). Wall-clock seconds per stage go to ``timing``."""
+    from common.hmm import FLAT_START_SCHEDULE, MFCC, hmm_realign
+
+    timing = {} if timing is None else timing
+    mfcc = MFCC(hmm.sample_rate, hmm.hop_ms, hmm.delta_ms) if hmm is not None and hmm_weight > 0 else None
+    mfccs: list = [None] * len(durations)
+
+    def load(i: int) -> torch.Tensor:  # the audio is read once for both passes
+        w = load_wav(i)
+        if mfcc is not None:
+            mfccs[i] = mfcc(w)
+        return w
+
+    counts, confs, stats = refine(load, len(durations), unit_ids, first_ends_s, n_tokens, cfg, device, log,
+                                  fixed_ends_s, timing)
+    hop_s = cfg.hop_ms / 1000.0
+    if mfcc is None:
+        return counts, hop_s, confs, stats
+    ends = [F.frame_ends_seconds(c, hop_s, t) for c, t in zip(counts, durations)]
+    stats["hmm"] = {}
+    members = [(1.0 - hmm_weight, ends)]
+    schedules = (("from_refined", ends, tuple(hmm.schedule)),
+                 ("flat_start", None, tuple(flat_start_schedule or FLAT_START_SCHEDULE)))
+    for name, init, sched in schedules:
+        t = {}
+        h, stats["hmm"][name] = hmm_realign(mfccs, durations, unit_ids, init, n_tokens,
+                                            dataclasses.replace(hmm, schedule=sched), log, t)
+        timing[f"hmm_{name}_s"] = t.get("seconds")
+        members.append((hmm_weight / 2.0, h))
+    fused = fuse_boundaries(members, ends)  # an HMM skips rows too fast for its states per unit
+    return ([F.ends_to_counts(e, int(round(t / FUSION_GRID_S)), FUSION_GRID_S) for e, t in zip(fused, durations)],
+            FUSION_GRID_S, confs, stats)

@@ -54,3 +54,22 @@ def cosine_lr(lr: float, progress: float, final_ratio: float = 0.05) -> float:
     """Half-cosine from ``lr`` (progress 0) to ``lr * final_ratio`` (progress 1)."""
     low = lr * final_ratio
     return low + (lr - low) * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+def batch_lr(hp, clock: TrainClock, epoch: int, step: int, batches_per_epoch: int, optimizer_step: int,
+             newbob_lr: float) -> float | None:
+    """The learning rate for the next optimizer step, or None to keep the optimizer's (NewBob after warm-up).
+
+    ``hp``: the recipe's hparams (``lr``, ``lr_schedule`` newbob|cosine, ``lr_final_ratio``, ``warmup_steps``,
+    ``max_train_minutes``, ``epoch_counter``). A linear warm-up over the first ``warmup_steps`` optimizer steps
+    scales either schedule; cosine decays to ``lr * lr_final_ratio`` at the end of the epochs or of the time
+    budget, whichever ends the run."""
+    warmup = int(hp.warmup_steps)
+    scale = min(1.0, (optimizer_step + 1) / warmup) if warmup > 0 else 1.0
+    if hp.lr_schedule == "cosine":
+        progress = run_progress(epoch, step, batches_per_epoch, hp.epoch_counter.limit, clock.elapsed(),
+                                float(hp.max_train_minutes) * 60)
+        return cosine_lr(float(hp.lr), progress, float(hp.lr_final_ratio)) * scale
+    if warmup > 0 and optimizer_step <= warmup:
+        return newbob_lr * scale
+    return None

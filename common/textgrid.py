@@ -2,7 +2,7 @@
 
 Silence is written as unlabelled (blank) intervals, the Praat/MFA convention; zero-length intervals cannot be
 represented and are left out. Reading fills the blanks back in as ``""`` segments so the file covers
-``[0, duration]`` without holes (``common.boundaries.normalize_label`` maps ``""`` to ``pau``).
+``[0, duration]`` without holes (``common.boundary_eval.normalize_label`` maps ``""`` to ``pau``).
 """
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from typing import Sequence
 
 from praatio import textgrid
 
-from common.boundaries import Segment, collapse_spans, normalize_label, token_spans, SIL
+from common.boundary_eval import Segment, collapse_spans, normalize_label, token_spans
 from common.durations import PUNCTUATION, is_acoustic
 from common.io import UserError, atomic_path
-from common.vocab import WORD_SEP
+from common.vocab import SIL, WORD_SEP
 
 PHONES, WORDS = "phones", "words"
 
@@ -97,7 +97,7 @@ def read_textgrid(path: str | os.PathLike, tier: str = PHONES) -> list[Segment]:
 
 def read_textgrid_folder(folder: str | os.PathLike) -> dict[str, list[Segment]]:
     """``{rel_path: scored segments}`` of every ``folder/{rel_path}.TextGrid`` (tier ``phones``; blanks and silence
-    -> ``pau``, as ``common.boundaries.collapse_spans``)."""
+    -> ``pau``, as ``common.boundary_eval.collapse_spans``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: TextGrid folder not found")

@@ -16,9 +16,20 @@ from pathlib import Path
 from common.io import UserError, atomic_write
 
 WORD_SEP = "|"
+SIL = "pau"  # silence: festival/MFA transcripts' pauses and the edge slots the aligner adds
+SILENCE_TOKENS = frozenset({SIL, "sil", "sp", "<sil>"})  # transcript tokens read as silence
 BLANK, UNK, BOS, EOS = "<blank>", "<unk>", "<bos>", "<eos>"
 SPECIALS = [BLANK, UNK, BOS, EOS]
 BLANK_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+def special_id(name: str) -> int:
+    """Model id of a special token by name (``blank``, ``unk``, ``bos``, ``eos``): fixed by tokens.txt's layout,
+    which the yaml reads through this (``blank_index: !apply:common.vocab.special_id [blank]``)."""
+    ids = {"blank": BLANK_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID}
+    if name not in ids:
+        raise ValueError(f"no special token {name!r}; one of {', '.join(ids)}")
+    return ids[name]
 
 
 def token_to_symbol(token: str) -> str:

@@ -50,8 +50,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--valid_list", type=Path)
     p.add_argument("--test_list", type=Path)
     p.add_argument("--ignore_format_splits", action="store_true", help="re-split corpora that come with splits")
-    p.add_argument("--train_fraction", type=float, default=1.0, help="keep this fraction of the train split")
-    p.add_argument("--validation_samples", type=int, default=0, help="cap the valid split (0 = all)")
     p.add_argument("--min_duration", type=float, default=0.0, help="seconds; shorter audio is skipped")
     p.add_argument("--max_duration", type=float, default=float("inf"), help="seconds; longer audio is skipped")
     p.add_argument("--seed", type=int, default=1234)
@@ -69,10 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name} must be in [0, 1)")
     if a.valid_fraction + a.test_fraction >= 1.0:
         p.error("--valid_fraction + --test_fraction must be below 1")
-    if not 0.0 < a.train_fraction <= 1.0:
-        p.error("--train_fraction must be in (0, 1]")
     if a.min_duration > a.max_duration:
         p.error("--min_duration is larger than --max_duration")
+    if a.phones_tsv is not None:
+        a.phones_tsv = a.phones_tsv.resolve()  # recorded in prep_report.json; training copies the file into its run
     return a
 
 
@@ -229,10 +227,6 @@ def main(argv=None) -> int:
         for r, _, toks in rows:
             check_symbols(toks, symbols, r.where)
     splits = assign_splits(rows, a)
-    if a.train_fraction < 1.0:
-        splits["train"] = splits["train"][: max(1, round(a.train_fraction * len(splits["train"])))]
-    if a.validation_samples > 0:
-        splits["valid"] = splits["valid"][: a.validation_samples]
     if not splits["train"]:
         raise UserError(f"{a.corpus}: no usable training rows (skipped: {dict(skips.counts)}); lower "
                         f"--valid_fraction/--test_fraction or use --split_by utterance")

@@ -12,7 +12,8 @@ the hparams file names, with ``--key value`` overrides applied the SpeechBrain w
 ``--output_folder X``); ``--model_dir`` names it directly. ``data_folder`` defaults to the test_csv's folder.
 
 The attention decoder adds a phone n-gram LM (``common/phone_lm.py``) fitted on the training manifest's phn
-column, weight ``--lm_weight`` (default: the run's ``beam_lm_weight``; 0 turns it off).
+column (kept in the run folder as train_phonemes.txt), weight ``--lm_weight`` (default: the run's
+``beam_lm_weight``; 0 turns it off).
 
 Decoders and knobs: see ``common/decoding.py`` (``--beam_size`` / ``--ctc_weight`` default to the run's
 ``beam_size`` / ``beam_ctc_weight``). Writes ``decode.jsonl`` into the model folder (or ``--output``): one JSON
@@ -56,8 +57,8 @@ def parse_args(argv):
     p.add_argument("--lm_weight", type=float, help="weight of a phone n-gram LM in --decoder attention (default: the "
                    "run's beam_lm_weight); the LM is fitted on the training manifest's phn column")
     p.add_argument("--lm_order", type=int, help="phone LM order 1-3 (default: the run's lm_order)")
-    p.add_argument("--lm_train_csv", type=Path, help="manifest to fit the phone LM on (default: the train.csv the "
-                   "model was trained on)")
+    p.add_argument("--lm_train_csv", type=Path, help="manifest to fit the phone LM on (default: the training "
+                   "transcripts kept in the run folder)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num_threads", type=int, default=0,
@@ -87,22 +88,13 @@ def resolve_model_dir(hparams_file: Path, extra: list[str], data_folder: Path) -
     return Path(str(out))
 
 
-def build_phone_lm(model_dir: Path, vocab, train_csv: Path | None, order: int, required: bool = True):
-    """The phone n-gram LM, fitted on ``train_csv`` or on the train.csv of the model's own manifests. When that
-    train.csv is gone and the LM was not asked for explicitly (``required`` False): a note, and None."""
-    from common.export import trained_data_folder
+def build_phone_lm(model_dir: Path, vocab, train_csv: Path | None, order: int):
+    """The phone n-gram LM, fitted on ``train_csv`` or on the training transcripts kept in the run folder."""
     from common.phone_lm import PhoneNgramLM
 
-    if train_csv is None:
-        folder = trained_data_folder(model_dir)
-        train_csv = Path(folder) / "train.csv" if folder else None
-        if train_csv is None or not train_csv.is_file():
-            msg = f"{model_dir}: cannot find the training manifest for the phone LM ({train_csv})"
-            if required:
-                raise UserError(f"{msg}; pass --lm_train_csv")
-            print(f"note: decoding without the phone LM: {msg}")
-            return None
-    return PhoneNgramLM.from_manifest(train_csv, vocab, order)
+    if train_csv is not None:
+        return PhoneNgramLM.from_manifest(train_csv, vocab, order)
+    return PhoneNgramLM.from_run(model_dir, vocab, order)
 
 
 def load_rows(csv_path: Path, vocab) -> list[dict]:
@@ -176,21 +168,18 @@ def main(argv=None) -> int:
     if not model_dir.is_dir():
         raise UserError(f"model folder {model_dir} not found; train first (recipes/train.py) or pass --model_dir")
     modules, hparams, vocab = M.load_for_inference(model_dir, a.device)
-    lm_order = a.lm_order if a.lm_order is not None else int(hparams.get("lm_order", 3))
+    lm_order = a.lm_order if a.lm_order is not None else int(hparams["lm_order"])
     if lm_order not in (1, 2, 3):
         raise UserError(f"--lm_order must be 1, 2 or 3, got {lm_order}")
     # the run's beam_lm_weight applies to the attention decoder; an explicit --lm_weight is checked by DecodeOptions
     lm_weight = a.lm_weight if a.lm_weight is not None else (
-        float(hparams.get("beam_lm_weight", 0.0)) if a.decoder == "attention" else 0.0)
-    lm = None
-    if lm_weight and a.decoder == "attention":
-        lm = build_phone_lm(model_dir, vocab, a.lm_train_csv, lm_order,
-                            required=a.lm_weight is not None or a.lm_train_csv is not None)
-        lm_weight = lm_weight if lm is not None else 0.0
+        float(hparams["beam_lm_weight"]) if a.decoder == "attention" else 0.0)
+    lm = build_phone_lm(model_dir, vocab, a.lm_train_csv, lm_order) if lm_weight and a.decoder == "attention" \
+        else None
     opts = DecodeOptions(
         decoder=a.decoder,
-        beam_size=a.beam_size if a.beam_size is not None else int(hparams.get("beam_size", 8)),
-        ctc_weight=a.ctc_weight if a.ctc_weight is not None else float(hparams.get("beam_ctc_weight", 0.4)),
+        beam_size=a.beam_size if a.beam_size is not None else int(hparams["beam_size"]),
+        ctc_weight=a.ctc_weight if a.ctc_weight is not None else float(hparams["beam_ctc_weight"]),
         temperature=a.temperature, blank_penalty=a.blank_penalty, insertion_bonus=a.insertion_bonus,
         lm_weight=lm_weight, lm=lm,
     )

@@ -13,6 +13,15 @@ if [ -n "$missing" ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
 fi
+# pip only when requirements.txt (or this script) changed since the last successful setup of this checkout
+STAMP=.setup_stamp
+want="$($PY --version 2>&1) $(cat requirements.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] \
+    && $PY -c "import torch, torchaudio, speechbrain, phonemizer, numba, matcha" 2>/dev/null; then
+  echo "[setup] python packages up to date (requirements.txt unchanged since the last setup)"
+  exit 0
+fi
+rm -f "$STAMP"
 if ! $PY -m pip install -q --disable-pip-version-check -r requirements.txt 2>/tmp/pip_setup.err; then
   cat /tmp/pip_setup.err >&2; exit 1
 fi
@@ -23,4 +32,5 @@ if ! $PY -c "import matcha.utils.monotonic_align.core" 2>/dev/null; then
 fi
 $PY -c "import torch, torchaudio, speechbrain, phonemizer, numba, matcha" \
   || { echo "[setup] python packages did not import; see the message above" >&2; exit 1; }
+echo "$want" > "$STAMP"
 echo "[setup] ok: $($PY -c 'import torch, speechbrain; print("torch", torch.__version__, "speechbrain", speechbrain.__version__)')"

@@ -11,7 +11,8 @@ import sys
 
 import numpy as np
 
-from common.boundaries import SIL, Segment
+from common.boundary_eval import Segment
+from common.vocab import SIL
 from common.textgrid import write_textgrid
 from common.corpus import read_phones_tsv
 from tests.utils import ROOT, run

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from common.boundaries import collapse_spans, spans_from_ends
+from common.boundary_eval import collapse_spans, spans_from_ends
 from common.calibration import Calibration, apply, boundary_samples, cross_validate, fit, segments
 from common.corpus import read_phones_tsv
 from common.durations import matcha_num_frames, read_alignments, read_durations

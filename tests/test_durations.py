@@ -50,8 +50,9 @@ def test_random_sums_exact_and_no_negatives(seed):
     assert bool((d >= 0).all())
     if t < n:
         assert int((d == 0).sum()) >= n - t
-    # every inner boundary is within half a hop of the ASR boundary (where it was not clipped)
-    ends = np.cumsum(frames) * asr_s * sr / hop
+    # every inner boundary is within half a hop of the ASR boundary (where it was not clipped); a token's frames
+    # are centred analysis frames, so it ends half a frame before its last cumulative frame (common/frames.py)
+    ends = np.maximum(np.cumsum(frames) - 0.5, 0) * asr_s * sr / hop
     bounds = np.cumsum(d.numpy())
     inside = ends[:-1] <= t
     assert np.all(np.abs(bounds[:-1][inside] - ends[:-1][inside]) <= 0.5 + 1e-9)

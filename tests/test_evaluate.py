@@ -1,4 +1,4 @@
-"""Boundary scoring (common/boundaries.py), TextGrids (common/textgrid.py) and the align/evaluate.py CLI."""
+"""Boundary scoring (common/boundary_eval.py), TextGrids (common/textgrid.py) and the align/evaluate.py CLI."""
 import json
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from align.evaluate import main
-from common.boundaries import (SIL, Segment, align_segments, boundary_pairs, collapse_spans, hyp_segments,
+from common.boundary_eval import (SIL, Segment, align_segments, boundary_pairs, collapse_spans, hyp_segments,
                                read_rates, reference_segments)
 from common.durations import (BLANK, alignment_record, append_alignment, export_durations, matcha_num_frames,
                               write_durations)

@@ -247,3 +247,29 @@ def _on_grid(alignments: dict, hop_s: float) -> bool:
     ends = np.concatenate([np.asarray(a["aligned_ends_s"][:-1]) for a in alignments.values()])
     k = ends / hop_s + 0.5
     return bool(np.all(np.abs(k - np.round(k)) < 0.02))  # the file rounds to 10 us
+
+
+def _outputs(corpus: Path) -> dict:
+    """Every file the export wrote, by path (the timing file aside: wall-clock seconds)."""
+    return {p.relative_to(corpus): p.read_bytes() for d in ("durations", "textgrids") for p in (corpus / d).rglob("*")
+            if p.is_file() and p.name != "export_timing.json"}
+
+
+def test_two_exports_are_byte_identical_and_record_what_made_them(corpus_copy):
+    corpus, model = corpus_copy
+    args = ["--no_mels", "--textgrid", "--overwrite", "--refine_rounds", "2"]
+    export(corpus, model, *args)
+    first = _outputs(corpus)
+    export(corpus, model, *args)
+    second = _outputs(corpus)
+    assert first.keys() == second.keys() and len(first) > 2 * len(rows(corpus))
+    assert [str(k) for k in first if first[k] != second[k]] == []
+    rep = json.loads((corpus / "durations" / "export_report.json").read_text())
+    assert Path(rep["checkpoint"]).parent == (model / "save").resolve()
+    assert (Path(rep["checkpoint"]) / "model.ckpt").is_file()
+    made = rep["made_by"]
+    assert made["project"] == "phone-durations" and made["version"] and made["torch"] and made["speechbrain"]
+    assert rep["options"]["refine_rounds"] == 2 and rep["options"]["refiner"]["rounds"] == 2
+    assert rep["options"]["hmm_aligner"]["states"] == 3 and rep["phonemes"]["from"] == "run folder"
+    timing = json.loads((corpus / "durations" / "export_timing.json").read_text())
+    assert timing["realtime_factor"] > 0 and timing["first_pass_s"] > 0 and timing["refine_classifier_s"] > 0

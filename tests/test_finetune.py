@@ -14,9 +14,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import finetune as FT  # noqa: E402
 from common import model as M  # noqa: E402
 from common.io import read_manifest  # noqa: E402
-from recipes.train import DistributedBatchSamplerWrapper  # noqa: E402
+from common.ddp import DistributedBatchSamplerWrapper  # noqa: E402
 from speechbrain.dataio.sampler import DistributedSamplerWrapper  # noqa: E402
 from speechbrain.utils.checkpoints import Checkpointer  # noqa: E402
 from tests.utils import TINY_MODEL, one_line_error, subprocess_env, train_tiny  # noqa: E402
@@ -42,8 +43,8 @@ def ctc_logp(modules, hp, corpus: Path) -> torch.Tensor:
 def base_plus_adapters(base_run: Path, lora_ckpt: Path, info: dict):
     """The trained LoRA model as it was in memory: the base weights, LoRA wrapped around them, the saved adapters."""
     modules, hp, _ = M.load_for_inference(base_run)
-    adapted = M.add_lora(hp["model"], info["lora_r"], info["lora_alpha"], info["lora_dropout"], info["lora_conv"])
-    M.load_lora_state(adapted, lora_ckpt)
+    adapted = FT.add_lora(hp["model"], info["lora_r"], info["lora_alpha"], info["lora_dropout"], info["lora_conv"])
+    FT.load_lora_state(adapted, lora_ckpt)
     return modules.eval(), hp
 
 
@@ -62,7 +63,7 @@ def test_lora_merge_is_exact_for_linear_and_conv():
     torch.manual_seed(0)
     for layer, x in ((torch.nn.Linear(16, 12), torch.randn(3, 5, 16)),
                      (torch.nn.Conv1d(8, 6, 5, padding=2, stride=2), torch.randn(2, 8, 21))):
-        lora = M.LoRAWithDropout(layer, rank=3, alpha=6, dropout=0.5)
+        lora = FT.LoRAWithDropout(layer, rank=3, alpha=6, dropout=0.5)
         torch.nn.init.normal_(lora.adapter_up_proj.weight)  # zero at init: make the adapter do something
         assert not layer.weight.requires_grad and lora.adapter_down_proj.weight.requires_grad
         lora.eval()
@@ -104,7 +105,7 @@ def test_lora_trains_only_adapters_and_reloads(tiny_corpus, tiny_model, tmp_path
     assert torch.equal(load_state(ckpt / "normalize.ckpt")["glob_mean"], load_state(base_ckpt / "normalize.ckpt")["glob_mean"])
 
     modules, hp, _ = M.load_for_inference(out)
-    has_lora = any(isinstance(mod, M.LoRAWithDropout) for mod in modules.modules())
+    has_lora = any(isinstance(mod, FT.LoRAWithDropout) for mod in modules.modules())
     ref_modules, ref_hp = base_plus_adapters(tiny_model, ckpt / "lora.ckpt", info)
     ref = ctc_logp(ref_modules, ref_hp, tiny_corpus)
     got = ctc_logp(modules, hp, tiny_corpus)

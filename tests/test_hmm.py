@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.align import ends_to_counts, frame_ends_seconds
+from common.frames import ends_to_counts, frame_ends_seconds
 from common.hmm import FLAT_START_SCHEDULE, HMMConfig, StateGMMs, features, hmm_realign, split_counts
 from tests.utils import TONE_FREQS, TONE_SR, mean_inner_error_ms, tone_corpus
 

@@ -102,12 +102,9 @@ def test_split_by_text_keeps_sentences_together(tmp_path, capsys):
     run(["--corpus", corpus, "--out", out3, "--split_by", "speaker", "--valid_fraction", 0.3, "--test_fraction", 0.3], capsys)
     spk = {s: {r["spk_id"] for r in rows(out3 / f"{s}.csv")} for s in ("train", "valid", "test")}
     assert not (spk["train"] & spk["test"]) and not (spk["train"] & spk["valid"])
-    # train_fraction and validation_samples
-    out4 = tmp_path / "out4"
-    run(["--corpus", corpus, "--out", out4, "--valid_fraction", 0.2, "--test_fraction", 0.2,
-         "--train_fraction", 0.5, "--validation_samples", 2], capsys)
-    assert len(rows(out4 / "train.csv")) == round(0.5 * len(rows(out / "train.csv")))
-    assert len(rows(out4 / "valid.csv")) == 2
+    # --train_fraction / --validation_samples are training options (tests/test_train.py), not prep ones
+    with pytest.raises(SystemExit):
+        run(["--corpus", corpus, "--out", tmp_path / "out4", "--train_fraction", 0.5], capsys)
 
 
 def test_explicit_split_lists_and_phones_tsv(matcha, tmp_path, capsys):

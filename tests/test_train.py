@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.io import read_manifest, write_manifest  # noqa: E402
-from recipes.train import METRICS_CSV_HEADER, append_metrics_csv  # noqa: E402
+from common.run_report import METRICS_CSV_HEADER, append_metrics_csv  # noqa: E402
 from tests.utils import one_line_error  # noqa: E402
 
 TINY = [  # a small model so a run takes seconds
@@ -108,6 +108,7 @@ def test_short_run_learns_and_writes_outputs(corpus, tmp_path):
 
     # the inference API on the trained folder
     from common import model as M
+    from common.frames import num_feature_frames
     from common.vocab import BOS_ID
 
     modules, hp, vocab = M.load_for_inference(out)
@@ -117,7 +118,7 @@ def test_short_run_learns_and_writes_outputs(corpus, tmp_path):
     toks, tok_lens = M.batch_tokens_bos(ids)
     assert toks[0, 0] == BOS_ID
     res = M.forward_scores(modules, hp, wavs, wav_lens, toks, tok_lens)
-    n_frames = [M.num_feature_frames(int(w), 160) for w in (wav_lens * wavs.shape[1]).round()]
+    n_frames = [num_feature_frames(int(w), 160) for w in (wav_lens * wavs.shape[1]).round()]
     assert res["ctc_logp"].shape == (2, max(n_frames), len(vocab))
     assert res["enc_lens"].tolist() == n_frames  # one encoder frame per 10 ms feature frame
     assert res["attn"].shape == (2, toks.shape[1], max(n_frames))
@@ -126,6 +127,16 @@ def test_short_run_learns_and_writes_outputs(corpus, tmp_path):
     assert torch.allclose(res["attn"][0].sum(-1), torch.ones(toks.shape[1]), atol=1e-4)
     if n_frames[1] < max(n_frames):  # no attention on padding
         assert res["attn"][1, :, n_frames[1]:].abs().max() == 0
+
+
+def test_train_fraction_and_validation_samples(corpus, tmp_path):
+    out = tmp_path / "part"
+    r = run_train(corpus, out, "--number_of_epochs", "1", "--train_fraction", "0.5", "--validation_samples", "2",
+                  "--skip_test", "True")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["data"]["train_utts"] == round(0.5 * len(read_manifest(corpus / "train.csv")))
+    assert m["data"]["valid_utts"] == 2
 
 
 def test_overfit_one_batch_reaches_zero_per(corpus, tmp_path):

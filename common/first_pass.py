@@ -7,7 +7,7 @@ Scores for monotonic alignment search, per utterance, rows = aligned tokens, col
   while predicting token ``u``);
 - ``joint``: ``ctc_weight * ctc + (1 - ctc_weight) * attention``.
 
-Edge silence: when a token sequence does not start (end) with a silence token, a ``<sil>`` slot scored by the CTC
+Edge silence: when a token sequence does not start (end) with a silence token, a ``pau`` (``common.vocab.SIL``) slot scored by the CTC
 blank log-posterior is put in front (behind), so leading/trailing silence is not glued to the first/last phone.
 MAS gives each row >= 1 frame.
 
@@ -26,17 +26,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.durations import SILENCE_TOKENS
-from common.mas import maximum_path
+from common.vocab import SIL, SILENCE_TOKENS
+from common.mas import LOG_FLOOR, mas_frames
 
-SIL = "<sil>"
 SCORE_KINDS = ("ctc", "attention", "joint")
-LOG_FLOOR = -50.0  # scores are log-probabilities floored here (keeps -inf out of MAS)
 FORBID = -1e4  # a cell no path may use (another token's CTC emission)
 
 
 def alignment_units(tokens: list[str], edge_silence: bool = True) -> tuple[list[str], bool, bool]:
-    """Tokens to align, with ``<sil>`` slots added at the edges that lack silence; (units, lead, trail)."""
+    """Tokens to align, with ``pau`` (``common.vocab.SIL``) slots added at the edges that lack silence; (units, lead, trail)."""
     lead = edge_silence and (not tokens or tokens[0] not in SILENCE_TOKENS)
     trail = edge_silence and (not tokens or tokens[-1] not in SILENCE_TOKENS)
     return ([SIL] if lead else []) + list(tokens) + ([SIL] if trail else []), lead, trail
@@ -97,39 +95,6 @@ def anchor(score: torch.Tensor, spans: list[tuple[int, int]], lead: bool) -> tor
     owner = owner.to(score.device)
     rows = torch.arange(score.shape[0], device=score.device)[:, None]
     return score.masked_fill((owner[None, :] >= 0) & (rows != owner[None, :]), FORBID)
-
-
-def mas_frames(scores: list[torch.Tensor], frame_lens: list[int]) -> list[np.ndarray]:
-    """Batch MAS: per-utterance [U_b, T_b] scores -> per-row frame counts (int64 arrays, sum = T_b)."""
-    B = len(scores)
-    U = max(s.shape[0] for s in scores)
-    T = max(frame_lens)
-    dev = scores[0].device
-    value = torch.zeros(B, U, T, device=dev)
-    mask = torch.zeros(B, U, T, device=dev)
-    for b, (s, t) in enumerate(zip(scores, frame_lens)):
-        value[b, : s.shape[0], :t] = s[:, :t]
-        mask[b, : s.shape[0], :t] = 1
-    path = maximum_path(value, mask)
-    counts = path.sum(-1).long().cpu().numpy()
-    return [counts[b, : s.shape[0]] for b, s in enumerate(scores)]
-
-
-def frame_ends_seconds(frames: np.ndarray, hop_s: float, duration_s: float) -> np.ndarray:
-    """Cumulative per-token frame counts -> token end times (s) under the centred-frame convention."""
-    cum = np.cumsum(np.asarray(frames, dtype=np.int64))
-    ends = np.clip((cum - 0.5) * hop_s, 0.0, duration_s)
-    ends[-1] = duration_s
-    return np.maximum.accumulate(ends)
-
-
-def ends_to_counts(ends_s, n_frames: int, hop_s: float) -> np.ndarray:
-    """Unit end times (s) -> frames per unit under the centred-frame convention (frame t centred at t * hop): the
-    inverse of ``frame_ends_seconds`` (a unit ends half a frame before its last cumulative frame), exact to half a
-    frame."""
-    cum = np.clip(np.floor(np.asarray(ends_s, dtype=np.float64) / hop_s + 1.0).astype(np.int64), 0, n_frames)
-    cum[-1] = n_frames
-    return np.diff(np.concatenate([[0], np.maximum.accumulate(cum)]))
 
 
 def token_confidence(ctc_logp: torch.Tensor, ids: list[int], frames: np.ndarray, lead: bool,

@@ -22,11 +22,10 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from common.durations import NON_ACOUSTIC, SILENCE_TOKENS
+from common.durations import NON_ACOUSTIC
 from common.io import UserError
-from common.vocab import BLANK
+from common.vocab import BLANK, SIL, SILENCE_TOKENS
 
-SIL = "pau"
 SILENCE_LABELS = SILENCE_TOKENS | {"", "<blank>", "SIL", "sil", "silence"}
 MODIFIERS = frozenset("ːˑʰʱʲʷˠˤ˞ʼ̩")
 THRESHOLDS_MS = (10, 20, 25, 50)

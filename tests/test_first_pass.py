@@ -1,4 +1,4 @@
-"""The export's per-utterance helpers (common/align.py: CTC emission spans, anchoring, confidence), resampling
+"""The export's per-utterance helpers (common/first_pass.py: CTC emission spans, anchoring, confidence), resampling
 (common/audio.py) and the recognizer's precision (common/export.py), each against a plain reference."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torchaudio
 import torchaudio.functional as taf
 
-from common import align as A
+from common import first_pass as A
 from common.audio import resample
 from common.export import PRECISIONS, cpu_has_bf16, resolve_precision
 from common.io import UserError
