@@ -17,6 +17,7 @@ train_log.txt, metrics.json, model_card.json, per_test.txt, a --metrics_csv row 
 from __future__ import annotations
 
 import datetime
+import io
 import sys
 import time
 from collections import Counter
@@ -26,15 +27,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import ruamel.yaml  # noqa: E402
 import speechbrain as sb  # noqa: E402
 import torch  # noqa: E402
 from hyperpyyaml import load_hyperpyyaml  # noqa: E402
-from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process, run_on_main  # noqa: E402
+from speechbrain.utils.distributed import (ddp_barrier, ddp_broadcast, if_main_process, infer_device,  # noqa: E402
+                                          run_on_main)
 from speechbrain.utils.logger import get_logger  # noqa: E402
 
 from common import model as M  # noqa: E402
 from common import run_folder  # noqa: E402
 from common.audio import load_audio  # noqa: E402
+from common.batching import device_overrides  # noqa: E402
 from common.checkpoint import average_last_checkpoints  # noqa: E402
 from common.ddp import LocalBatchNormDDP, close_process_group, gloo_without_cuda, world_size  # noqa: E402
 from common.finetune import check_finetune_args, setup_finetune  # noqa: E402
@@ -299,14 +303,28 @@ def dataio_prepare(hparams, vocab: Vocab):
     return datasets, sampler, counts
 
 
+def load_hparams(hparams_file, overrides):
+    try:
+        with open(hparams_file, encoding="utf-8") as fin:
+            return load_hyperpyyaml(fin, overrides)
+    except FileNotFoundError as err:
+        raise UserError(f"cannot load hparams: {err}") from None
+
+
 @cli
 def main(argv=None) -> int:
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:] if argv is None else argv)
-    try:
-        with open(hparams_file, encoding="utf-8") as fin:
-            hparams = load_hyperpyyaml(fin, overrides)
-    except FileNotFoundError as err:
-        raise UserError(f"cannot load hparams: {err}") from None
+    hparams = load_hparams(hparams_file, overrides)
+    # the batch follows the hardware (common/batching.py): bigger batches and a scaled lr on CUDA
+    given = (ruamel.yaml.YAML(typ="safe").load(overrides) if overrides else None) or {}
+    extra = device_overrides(hparams, run_opts["device"] or infer_device(), given,
+                             sum(float(r["duration"]) for r in read_manifest(hparams["train_csv"])))
+    if extra:
+        logger.info(f"batch for this device: {extra}")
+        stream = io.StringIO()
+        ruamel.yaml.YAML(typ="safe").dump({**given, **extra}, stream)
+        overrides = stream.getvalue()
+        hparams = load_hparams(hparams_file, overrides)
     if hparams["overfit_one_batch"] and run_opts["debug"]:
         raise UserError("--overfit_one_batch and SpeechBrain's --debug are different modes; pick one")
     check_metrics_csv(hparams["metrics_csv"])

@@ -128,3 +128,23 @@ def test_ddp_checkpoint_rotation_does_not_deadlock(tmp_path):
     mp.spawn(_ddp_checkpoint_worker, args=(str(tmp_path / "rdv"), str(tmp_path / "save")), nprocs=2, join=True)
     ckpts = AtomicCheckpointer(tmp_path / "save").list_checkpoints()
     assert [c.meta["epoch"] for c in ckpts] == [2]  # rotated down to the best (and latest) one
+
+
+def test_cuda_batches_follow_gpu_memory_and_scale_lr():
+    from common.batching import cuda_batch_seconds, device_overrides
+
+    hp = {"dynamic_batching": True, "max_batch_length": 6.0, "max_batch_length_cuda": 0.0, "lr": 0.003,
+          "cuda_batch_seconds_per_gb": 4.0, "cuda_max_batch_length": 400.0, "min_batches_per_epoch": 50,
+          "lr_batch_scaling": "sqrt"}
+    assert device_overrides(hp, "cpu", {}, 36000.0) == {}  # CPU keeps the yaml's batch
+    assert cuda_batch_seconds(hp, 80.0, 36000.0) == 320.0  # 80 GB x 4 s, 10 h of audio: 112 steps per epoch
+    assert cuda_batch_seconds(hp, 140.0, 36000.0) == 400.0  # capped
+    assert cuda_batch_seconds(hp, 80.0, 600.0) == 12.0  # a 10-minute corpus still gets 50 steps per epoch
+    assert cuda_batch_seconds(hp, 80.0, 100.0) == 6.0  # never below the CPU batch
+    ov = device_overrides(hp, "cuda:0", {}, 36000.0, gpu_memory_gb=80.0)
+    assert ov["max_batch_length"] == 320.0 and ov["lr"] == pytest.approx(0.003 * (320 / 6) ** 0.5)
+    assert device_overrides(hp, "cuda:0", {"lr": 0.01}, 36000.0, gpu_memory_gb=80.0) == {"max_batch_length": 320.0}
+    assert device_overrides(hp, "cuda:0", {"max_batch_length": 30}, 36000.0, gpu_memory_gb=80.0) == {}
+    assert device_overrides({**hp, "lr_batch_scaling": "linear"}, "cuda", {}, 36000.0, 80.0)["lr"] == \
+        pytest.approx(0.003 * 320 / 6)
+    assert device_overrides({**hp, "max_batch_length_cuda": 90.0}, "cuda", {}, 36000.0, 80.0)["max_batch_length"] == 90
