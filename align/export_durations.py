@@ -8,6 +8,8 @@ Every option is a key of ``hparams/export.yaml`` (its defaults and help; ``--hel
 ``durations/{stem}.npy`` beside the wav folder's parent), ``DIR/durations/alignments.jsonl``,
 ``DIR/durations/export_report.json`` (what made the export; the same bytes for the same settings) and
 ``DIR/durations/export_timing.json``. Existing outputs are skipped unless ``--overwrite``.
+``torchrun --nproc_per_node N align/export_durations.py ...`` (or torchrun's multi-node flags) splits the work over N
+processes (gloo on CPU, nccl on CUDA: one GPU each) and writes the same files as one process.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import config  # noqa: E402
+from common.ddp import close_process_group  # noqa: E402
 from common.export import DEFAULT_YAML, export_corpus, load_options  # noqa: E402
 from common.io import UserError, cli  # noqa: E402
 
@@ -36,7 +39,12 @@ def main(argv=None) -> int:
     opts = load_options(config.parse_overrides(argv, options), yaml_path)
     if not opts.corpus.is_dir():
         raise UserError(f"{opts.corpus}: corpus folder not found")
-    rep = export_corpus(opts)
+    try:
+        rep = export_corpus(opts)
+    finally:
+        close_process_group()
+    if not rep:  # a torchrun process other than rank 0: rank 0 wrote the files and reports
+        return 0
     c, timing = rep["counts"], rep["timing"]
     where = opts.corpus / "durations"
     print(f"durations: {c['success']} written, {c['failure']} failed, {c['skipped_existing']} skipped (already there) "

@@ -87,3 +87,58 @@ def close_process_group() -> None:
     """Leave the DDP process group (if any) before the interpreter exits."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+class Shard:
+    """Work split over the processes of a torchrun job that does not train a Brain (the export): whole batches go
+    round-robin to the processes (so each batch is exactly the batch one process would run: identical numbers),
+    ``gather`` merges every process's results, ``broadcast`` hands rank 0's object to all. With one process every
+    method is a no-op, so the code path is the same."""
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
+
+    @classmethod
+    def from_env(cls, device: str) -> "Shard":
+        """The current torchrun job (joining its process group: gloo on CPU, nccl on CUDA), or one process."""
+        world = world_size()
+        if world == 1:
+            return cls()
+        if not torch.distributed.is_initialized():
+            if device.startswith("cuda"):
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        return cls(torch.distributed.get_rank(), world)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def take(self, batches: list) -> list:
+        return batches[self.rank::self.world]
+
+    def gather(self, local: dict) -> dict:
+        """Every process's ``{key: result}`` merged (keys are disjoint: indices of the items each one did)."""
+        if self.world == 1:
+            return local
+        parts: list = [None] * self.world
+        torch.distributed.all_gather_object(parts, local)
+        out: dict = {}
+        for p in parts:
+            out.update(p)
+        return out
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every process."""
+        if self.world == 1:
+            return obj
+        box = [obj if self.main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+SINGLE = Shard()

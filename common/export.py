@@ -32,6 +32,7 @@ from common import frames as F
 from common.audio import AudioDataset, audio_info, length_buckets
 from common.calibration import Calibration
 from common.corpus import read_matcha, read_phones_tsv
+from common.ddp import Shard
 from common.durations import (FORMATS, alignment_record, append_alignment, export_durations, matcha_num_frames,
                               npy_duration_paths, pt_duration_path, write_durations)
 from common.g2p import G2P, check_symbols, ipa_to_tokens, load_symbols
@@ -364,11 +365,17 @@ class FirstPass:
         self.model_sr = int(hparams["sample_rate"])
         self.hop_s = float(hparams["hop_length"]) / 1000.0
 
-    def run(self, items: list[Item]) -> Iterator[tuple[list[int], list[Alignment], list[torch.Tensor]]]:
+    def batches(self, items: list[Item]) -> list[list[int]]:
+        """Length-sorted batches of item indices (the longest first), at most ``batch_seconds`` of padded audio."""
+        return length_buckets([it.duration_s for it in items], self.opts.batch_seconds, longest_first=True)
+
+    def run(self, items: list[Item], batches: list[list[int]] | None = None
+            ) -> Iterator[tuple[list[int], list[Alignment], list[torch.Tensor]]]:
+        """Align ``items`` batch by batch (``batches``: default all of ``self.batches(items)``)."""
         from common.model import batch_tokens_bos
 
         o = self.opts
-        batches = length_buckets([it.duration_s for it in items], o.batch_seconds, longest_first=True)
+        batches = self.batches(items) if batches is None else batches
         loader = torch.utils.data.DataLoader(AudioDataset([it.wav for it in items], self.model_sr),
                                              batch_sampler=batches, collate_fn=_collate,
                                              num_workers=1 if len(items) > 1 else 0)
@@ -409,7 +416,10 @@ def _remove_stale_temps(folders) -> None:
 
 
 def export_corpus(opts: ExportOptions) -> dict:
-    """Run the export; returns the report (as written to ``export_report.json``) with its ``timing`` added."""
+    """Run the export; returns the report (as written to ``export_report.json``) with its ``timing`` added. Under
+    ``torchrun --nproc_per_node N`` every process aligns whole batches of one plan, round-robin (the refiner and the
+    HMM-GMMs are trained once, by rank 0, and shared), rank 0 writes every file and returns the report, the other
+    processes return {}: the files are those a single process writes."""
     from tqdm import tqdm
 
     from common.model import load_run
@@ -418,6 +428,9 @@ def export_corpus(opts: ExportOptions) -> dict:
     t0 = time.time()
     timing: dict = {}
     device = resolve_device(opts.device)
+    shard = Shard.from_env(device)  # under torchrun: this process's share (common/ddp.py); else all of it
+    if shard.world > 1 and device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
     precision = resolve_precision(opts.precision, device)
     cal = Calibration.load(opts.calibration) if opts.calibration else None
     reference = calibration.load_reference(opts.labelled) if opts.labelled else None
@@ -427,10 +440,12 @@ def export_corpus(opts: ExportOptions) -> dict:
     check_feasible(items, run.hparams, opts.edge_silence)
     report_dir = opts.corpus / "durations"
     align_file = report_dir / ALIGNMENTS_FILE
-    _remove_stale_temps({it.out.parent for it in items} | {report_dir})
     todo = [it for it in items if opts.overwrite or not it.out.is_file()]
-    if opts.overwrite and align_file.is_file():
-        align_file.unlink()
+    shard.barrier()  # every process has seen what is already written before rank 0 cleans up
+    if shard.main:
+        _remove_stale_temps({it.out.parent for it in items} | {report_dir})
+        if opts.overwrite and align_file.is_file():
+            align_file.unlink()
     results: dict[str, dict] = {}
     failures: dict[str, str] = {}
     refining = opts.refine and bool(todo)
@@ -442,31 +457,45 @@ def export_corpus(opts: ExportOptions) -> dict:
         if not labelled:
             raise UserError(f"{opts.labelled}: none of its {len(reference)} row(s) is in {opts.corpus}'s metadata; "
                             f"name them by rel_path (e.g. {first[0].rel if first else 'voice/utt'})")
-    plots_left = opts.plots
-    passed: list[Alignment] = [None] * len(first)  # type: ignore[list-item]  # in item order
+    plots_left = opts.plots if shard.main else 0
+    first_pass = FirstPass(run.modules, run.hparams, opts, device, precision)
+    batches = first_pass.batches(first)
     bar = tqdm(total=len(first), desc="export" if not collect else "first pass", unit="utt",
-               disable=not opts.progress)
-    # without refinement, one background thread writes each finished batch (in order) while the next one runs
-    writer, written = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export-writer"), []
+               disable=not (opts.progress and shard.main))
+    # one process without refinement: a background thread writes each finished batch (in order) while the next one
+    # runs; otherwise the rows are kept (in item order) for the refiner, and under torchrun gathered from every
+    # process (each ran whole batches of the same plan, round-robin) and written by rank 0
+    streaming = not collect and shard.world == 1
+    writer, written, mine = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export-writer"), [], {}
     try:
-        for idx, rows, scores in FirstPass(run.modules, run.hparams, opts, device, precision).run(first):
+        for k, (idx, rows, scores) in enumerate(first_pass.run(first, shard.take(batches))):
             for a, sc in zip(rows, scores):
                 if plots_left > 0:
                     _plot(a, sc.cpu(), report_dir / "plots")
                     plots_left -= 1
-            if collect:
-                for i, a in zip(idx, rows):
-                    passed[i] = a
-            else:
+            if streaming:
                 _calibrate(rows, cal)
                 written.append(writer.submit(_write_all, rows, opts, align_file, results, failures))
-            bar.update(len(rows))
+            else:
+                mine[shard.rank + k * shard.world] = list(zip(idx, rows))  # the batch's number in the plan
+            bar.update(len(rows) * shard.world)
     finally:
         writer.shutdown(wait=True)
     audio_s = sum(f.result() for f in written)
     bar.close()
+    passed: list[Alignment] = [None] * len(first)  # type: ignore[list-item]  # in item order
+    in_batch_order = []
+    for _, pairs in sorted(shard.gather(mine).items()):
+        for i, a in pairs:
+            passed[i] = a
+            in_batch_order.append(a)
     timing["first_pass_s"] = round(time.time() - t0, 2)
-    refine_stats = _refine(passed, run.vocab, device, opts, labelled, timing) if refining else None
+    refine_stats = _refine(passed, run.vocab, device, opts, labelled, timing, shard) if refining else None
+    if not shard.main:
+        return {}
+    if not streaming and not collect:  # torchrun without refinement: rank 0 writes every row, in the plan's order
+        _calibrate(in_batch_order, cal)
+        audio_s += _write_all(in_batch_order, opts, align_file, results, failures)
     cal_info = None if cal is None else {"file": str(opts.calibration), "boundaries": cal.boundaries}
     if labelled:
         cal = _fit_labelled(passed, labelled, report_dir / "calibration.json", opts)
@@ -499,13 +528,14 @@ def export_corpus(opts: ExportOptions) -> dict:
     }
     write_json(report_dir / REPORT_FILE, report)
     elapsed = time.time() - t0
-    timing.update(seconds=round(elapsed, 2), audio_seconds=round(audio_s, 2),
+    timing.update(processes=shard.world, seconds=round(elapsed, 2), audio_seconds=round(audio_s, 2),
                   realtime_factor=round(audio_s / elapsed, 1) if elapsed > 0 else None)
     write_json(report_dir / TIMING_FILE, timing)
     return {**report, "timing": timing}
 
 
-def _refine(passed: list[Alignment], vocab, device: str, opts: ExportOptions, labelled: dict, timing: dict) -> dict:
+def _refine(passed: list[Alignment], vocab, device: str, opts: ExportOptions, labelled: dict, timing: dict,
+            shard: Shard) -> dict:
     """Replace every first-pass alignment by the refined one (``common.refine.refine_boundaries``); returns its
     stats. ``labelled[i]``: reference segments of row ``i``, whose boundaries become the refiner's training
     labels for that row."""
@@ -514,13 +544,13 @@ def _refine(passed: list[Alignment], vocab, device: str, opts: ExportOptions, la
 
     cfg = opts.refiner
     first_ends = [a.unit_ends() for a in passed]
-    log = (lambda m: print(m, flush=True)) if opts.progress else None
+    log = (lambda m: print(m, flush=True)) if opts.progress and shard.main else None
     fixed = {i: calibration.pin_to_reference(passed[i].units, first_ends[i], ref, cfg.hop_ms / 1000.0)
              for i, ref in labelled.items()}
     counts, hop_s, confs, stats = refine_boundaries(
         lambda i: load_audio(passed[i].item.wav, cfg.sample_rate)[0], [a.item.duration_s for a in passed],
         [a.unit_ids() for a in passed], first_ends, len(vocab), cfg, opts.hmm_aligner, opts.hmm_weight,
-        opts.hmm_flat_start_schedule, device, log, fixed, timing)
+        opts.hmm_flat_start_schedule, device, log, fixed, timing, shard)
     for a, c, rc in zip(passed, counts, confs):
         a.frames, a.hop_s, a.refine_confidence = c, hop_s, rc
     return stats

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from common import frames as F
+from common.ddp import SINGLE, Shard
 from common.mas import mas_frames
 from common.audio import length_buckets, sample_hours
 
@@ -146,14 +147,16 @@ def split_counts(unit_counts, states: int) -> np.ndarray:
 
 
 def viterbi(model: StateGMMs, feats: list[torch.Tensor], seqs: list[torch.Tensor],
-            frames_per_batch: int = 30000) -> list[np.ndarray]:
-    """Best state segmentation of each utterance (MAS over emission + self-loop log-probabilities)."""
-    out: list[np.ndarray] = [None] * len(feats)  # type: ignore[list-item]
-    for idx in length_buckets([f.shape[0] for f in feats], frames_per_batch):
+            frames_per_batch: int = 30000, shard: Shard = SINGLE) -> list[np.ndarray]:
+    """Best state segmentation of each utterance (MAS over emission + self-loop log-probabilities); under
+    ``shard`` each process aligns its share of the batches and every process gets all results."""
+    out: dict[int, np.ndarray] = {}
+    for idx in shard.take(length_buckets([f.shape[0] for f in feats], frames_per_batch)):
         scores = [model.loglik(feats[i], seqs[i]) + model.log_self[seqs[i]][:, None] for i in idx]
         for i, fr in zip(idx, mas_frames(scores, [feats[i].shape[0] for i in idx])):
             out[i] = fr
-    return out
+    out = shard.gather(out)
+    return [out[i] for i in range(len(feats))]
 
 
 def state_sequences(unit_ids: list[list[int]], states: int) -> list[torch.Tensor]:
@@ -161,9 +164,11 @@ def state_sequences(unit_ids: list[list[int]], states: int) -> list[torch.Tensor
 
 
 def train_align(feats: list[torch.Tensor], unit_ids: list[list[int]], n_units: int, cfg: HMMConfig,
-                init_counts: list[np.ndarray] | None = None, log=None) -> tuple[list[np.ndarray], dict, StateGMMs]:
+                init_counts: list[np.ndarray] | None = None, log=None,
+                shard: Shard = SINGLE) -> tuple[list[np.ndarray], dict, StateGMMs]:
     """Viterbi training from ``init_counts`` (frames per unit; None: a flat start), one re-estimation and one
-    re-alignment per ``cfg.schedule`` entry. Returns (frames per unit per utterance, stats, the model)."""
+    re-alignment per ``cfg.schedule`` entry. Returns (frames per unit per utterance, stats, the model). Under
+    ``shard`` rank 0 re-estimates and shares the model, every process aligns its share."""
     S = cfg.states
     seqs = state_sequences(unit_ids, S)
     model = StateGMMs(n_units * S, feats[0].shape[1])
@@ -176,15 +181,17 @@ def train_align(feats: list[torch.Tensor], unit_ids: list[list[int]], n_units: i
     stats = {"passes": [], "frames": int(x_all.shape[0])}
     for p, n_mix in enumerate(cfg.schedule):
         t = time.time()
-        labels = np.concatenate([np.repeat(s.numpy(), c) for s, c in zip(seqs, counts)])
-        model.reestimate(x_all, labels, n_mix, cfg.em_iters)
-        stay = np.zeros(n_units * S)
-        visits = np.zeros(n_units * S)
-        for s, c in zip(seqs, counts):
-            np.add.at(stay, s.numpy(), np.maximum(c - 1, 0))
-            np.add.at(visits, s.numpy(), 1)
-        model.log_self = torch.from_numpy(np.log((stay + 1.0) / (stay + visits + 2.0))).float()
-        new = viterbi(model, feats, seqs)
+        if shard.main:
+            labels = np.concatenate([np.repeat(s.numpy(), c) for s, c in zip(seqs, counts)])
+            model.reestimate(x_all, labels, n_mix, cfg.em_iters)
+            stay = np.zeros(n_units * S)
+            visits = np.zeros(n_units * S)
+            for s, c in zip(seqs, counts):
+                np.add.at(stay, s.numpy(), np.maximum(c - 1, 0))
+                np.add.at(visits, s.numpy(), 1)
+            model.log_self = torch.from_numpy(np.log((stay + 1.0) / (stay + visits + 2.0))).float()
+        model = shard.broadcast(model)
+        new = viterbi(model, feats, seqs, shard=shard)
         moved = float(np.mean([np.abs(np.cumsum(a) - np.cumsum(b)).mean() for a, b in zip(new, counts)]))
         counts = new
         stats["passes"].append({"gaussians": n_mix, "mean_state_boundary_move_frames": round(moved, 3)})
@@ -207,7 +214,7 @@ def features(load_wav, n_utts: int, cfg: HMMConfig) -> tuple[list[torch.Tensor],
 
 def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: list[list[int]],
                 init_ends_s: list[np.ndarray] | None, n_units: int, cfg: HMMConfig | None = None,
-                log=None, timing: dict | None = None) -> tuple[list[np.ndarray | None], dict]:
+                log=None, timing: dict | None = None, shard: Shard = SINGLE) -> tuple[list[np.ndarray | None], dict]:
     """Viterbi-train on ``feats`` (``features()``, at ``cfg.hop_ms``) and re-align: ``unit_ids[i]`` are utterance
     ``i``'s unit class ids (< ``n_units``), ``init_ends_s[i]`` their end times (s) to start from (None: a flat
     start). Returns (unit end times (s) per utterance, None for one with fewer frames than states, stats); the
@@ -226,11 +233,12 @@ def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: lis
         init = None if init_ends_s is None else [F.ends_to_counts(init_ends_s[i], feats[i].shape[0], hop_s)
                                                  for i in train]
         counts, st, model = train_align([feats[i] for i in train], [unit_ids[i] for i in train], n_units, cfg, init,
-                                        log)
+                                        log, shard)
         stats.update(st, train_utts=len(train), train_audio_s=round(acc, 1))
         rest = sorted(set(ok) - set(train))
         if rest:
-            fr = viterbi(model, [feats[i] for i in rest], state_sequences([unit_ids[i] for i in rest], cfg.states))
+            fr = viterbi(model, [feats[i] for i in rest], state_sequences([unit_ids[i] for i in rest], cfg.states),
+                         shard=shard)
             counts = counts + [c.reshape(-1, cfg.states).sum(1) for c in fr]
         for i, c in zip(train + rest, counts):
             out[i] = F.frame_ends_seconds(c, hop_s, durations[i])

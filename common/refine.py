@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from common import frames as F
+from common.ddp import SINGLE, Shard
 from common.mas import LOG_FLOOR, mas_frames
 from common.audio import length_buckets, sample_hours
 
@@ -195,13 +196,14 @@ def log_priors(labels: list[np.ndarray], n_tokens: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def realign(model: FrameClassifier, feats: list[torch.Tensor], unit_ids: list[list[int]], cfg: RefineConfig,
-            priors: torch.Tensor | None = None, device: str = "cpu") -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """MAS over the classifier's log-posteriors of each utterance's units: (frame counts, per-unit confidence)."""
-    counts: list[np.ndarray] = [None] * len(feats)  # type: ignore[list-item]
-    confs: list[np.ndarray] = [None] * len(feats)  # type: ignore[list-item]
+            priors: torch.Tensor | None = None, device: str = "cpu",
+            shard: Shard = SINGLE) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """MAS over the classifier's log-posteriors of each utterance's units: (frame counts, per-unit confidence).
+    Under ``shard`` each process aligns its share of the batches and every process gets all results."""
+    done: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     batches = _batches([f.shape[0] for f in feats], int(4 * cfg.batch_seconds / (cfg.hop_ms / 1000.0)), False,
                        random.Random(0))
-    for idx in batches:
+    for idx in shard.take(batches):
         x, lens = _pad([feats[i] for i in idx], device)
         logp = torch.log_softmax(model(x, lens).float(), -1).cpu()
         scores, lengths = [], []
@@ -216,17 +218,17 @@ def realign(model: FrameClassifier, feats: list[torch.Tensor], unit_ids: list[li
         frames = mas_frames(scores, lengths)
         for b, i in enumerate(idx):
             fr = frames[b]
-            counts[i] = fr
             post = logp[b, : lengths[b]].exp().numpy()
             starts = np.concatenate([[0], np.cumsum(fr)[:-1]])
-            confs[i] = np.array([post[s : s + n, u].mean() if n else 0.0
-                                 for s, n, u in zip(starts, fr, unit_ids[i])])
-    return counts, confs
+            done[i] = (fr, np.array([post[s : s + n, u].mean() if n else 0.0
+                                     for s, n, u in zip(starts, fr, unit_ids[i])]))
+    done = shard.gather(done)
+    return [done[i][0] for i in range(len(feats))], [done[i][1] for i in range(len(feats))]
 
 
 def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[np.ndarray], n_tokens: int,
            cfg: RefineConfig, device: str = "cpu", log=None, fixed_ends_s: dict[int, np.ndarray] | None = None,
-           timing: dict | None = None) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
+           timing: dict | None = None, shard: Shard = SINGLE) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
     """The whole loop. ``load_wav(i)`` gives utterance ``i``'s waveform at ``cfg.sample_rate`` (read once; only its
     features are kept, in fp16: ~1.2 GB per 10 hours); ``first_ends_s[i]`` the end time (s) of each of its
     ``unit_ids[i]`` (class ids < ``n_tokens``). ``fixed_ends_s[i]``: hand-checked unit end times of utterance
@@ -257,10 +259,17 @@ def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[
         margin = cfg.margin_ms / 1000.0 * cfg.margin_decay ** r
         labels = [frame_labels(unit_ids[i], ends[i], feats[i].shape[0], fx.hop_s, 0.0 if i in fixed else margin,
                                cfg.margin_frac) for i in range(n_utts)]
-        losses = train_classifier(model, [feats[i] for i in train_idx], [labels[i] for i in train_idx],
-                                  cfg.epochs if r == 0 else cfg.epochs_later, cfg, deadline, device, log)
+        losses = []
+        if shard.main:  # trained once (rank 0), then shared: every process aligns with the same weights
+            losses = train_classifier(model, [feats[i] for i in train_idx], [labels[i] for i in train_idx],
+                                      cfg.epochs if r == 0 else cfg.epochs_later, cfg, deadline, device, log)
+        if shard.world > 1:
+            state, losses = shard.broadcast(({k: v.cpu() for k, v in model.state_dict().items()}, losses)
+                                            if shard.main else None)
+            model.load_state_dict(state)
+            model.eval()
         priors = log_priors([labels[i] for i in train_idx], n_tokens)
-        counts, confs = realign(model, feats, unit_ids, cfg, priors, device)
+        counts, confs = realign(model, feats, unit_ids, cfg, priors, device, shard)
         new_ends = [F.frame_ends_seconds(c, fx.hop_s, d) for c, d in zip(counts, durations)]
         inner = np.concatenate([np.abs(a[:-1] - b[:-1]) for a, b in zip(new_ends, ends)])
         moved = float(inner.mean()) * 1000 if inner.size else 0.0
@@ -269,7 +278,7 @@ def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[
                                 "mean_boundary_move_ms": round(moved, 2)})
         if log:
             log(f"refine round {r + 1}/{cfg.rounds}: boundaries moved {moved:.1f} ms on average")
-        if deadline is not None and time.time() > deadline:
+        if shard.broadcast(deadline is not None and time.time() > deadline):  # rank 0's clock decides for all
             break
     if timing is not None:
         timing["refine_classifier_s"] = round(time.time() - t0, 2)
@@ -296,15 +305,16 @@ def fuse_boundaries(members: list[tuple[float, list]], fallback: list[np.ndarray
 def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]], first_ends_s: list[np.ndarray],
                       n_tokens: int, cfg: RefineConfig, hmm=None, hmm_weight: float = 0.0,
                       flat_start_schedule=None, device: str = "cpu", log=None,
-                      fixed_ends_s: dict[int, np.ndarray] | None = None,
-                      timing: dict | None = None) -> tuple[list[np.ndarray], float, list[np.ndarray], dict]:
+                      fixed_ends_s: dict[int, np.ndarray] | None = None, timing: dict | None = None,
+                      shard: Shard = SINGLE) -> tuple[list[np.ndarray], float, list[np.ndarray], dict]:
     """Refine every utterance's first-pass boundaries: ``refine`` (the frame classifier); then, when
     ``hmm_weight`` > 0, two HMM-GMMs (``common.hmm``, config ``hmm``), one Viterbi-trained from the classifier's
     alignment and one from a flat start (``flat_start_schedule``; it shares none of the classifier's errors); each
     boundary is the weighted mean of the three, ``1 - hmm_weight`` for the classifier and ``hmm_weight / 2`` for
     each HMM. ``load_wav(i)``: utterance ``i`` at ``cfg.sample_rate`` (read once for every pass). Returns (frames
     per unit, their hop in seconds: the classifier's, or the 1 ms fusion grid; the classifier's per-unit confidence;
-    stats). Wall-clock seconds per stage go to ``timing``."""
+    stats). Wall-clock seconds per stage go to ``timing``. Under ``shard`` (a torchrun export) the classifier and the
+    HMM-GMMs are trained by rank 0 and shared, and each process aligns its share of the batches."""
     from common.hmm import FLAT_START_SCHEDULE, MFCC, hmm_realign
 
     timing = {} if timing is None else timing
@@ -318,7 +328,7 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
         return w
 
     counts, confs, stats = refine(load, len(durations), unit_ids, first_ends_s, n_tokens, cfg, device, log,
-                                  fixed_ends_s, timing)
+                                  fixed_ends_s, timing, shard)
     hop_s = cfg.hop_ms / 1000.0
     if mfcc is None:
         return counts, hop_s, confs, stats
@@ -330,7 +340,7 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
     for name, init, sched in schedules:
         t = {}
         h, stats["hmm"][name] = hmm_realign(mfccs, durations, unit_ids, init, n_tokens,
-                                            dataclasses.replace(hmm, schedule=sched), log, t)
+                                            dataclasses.replace(hmm, schedule=sched), log, t, shard)
         timing[f"hmm_{name}_s"] = t.get("seconds")
         members.append((hmm_weight / 2.0, h))
     fused = fuse_boundaries(members, ends)  # an HMM skips rows too fast for its states per unit

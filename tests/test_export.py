@@ -273,3 +273,21 @@ def test_two_exports_are_byte_identical_and_record_what_made_them(corpus_copy):
     assert rep["options"]["hmm_aligner"]["states"] == 3 and rep["phonemes"]["from"] == "run folder"
     timing = json.loads((corpus / "durations" / "export_timing.json").read_text())
     assert timing["realtime_factor"] > 0 and timing["first_pass_s"] > 0 and timing["refine_classifier_s"] > 0
+
+
+@pytest.mark.parametrize("refine", [True, False])
+def test_two_process_export_writes_the_files_of_one_process(corpus_copy, tmp_path, refine):
+    """torchrun --nproc_per_node 2 (gloo): each process aligns whole batches of one plan, the refiner and the
+    HMM-GMMs are trained once and shared, rank 0 writes; every file equals a one-process export's."""
+    corpus, model = corpus_copy
+    args = ["--no_mels", "--textgrid", "--overwrite", "--batch_seconds", "8", "--refine_rounds", "2", "--device",
+            "cpu", *([] if refine else ["--no_refine"])]
+    export(corpus, model, *args)
+    single = _outputs(corpus)
+    r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", EXPORT,
+             "--corpus", corpus, "--model_dir", model, "--no_progress", *args], timeout=600)
+    assert r.stdout.count("durations: ") == 1  # one summary, from rank 0
+    assert json.loads((corpus / "durations" / "export_timing.json").read_text())["processes"] == 2
+    double = _outputs(corpus)
+    assert single.keys() == double.keys() and len(single) > 2 * len(rows(corpus))
+    assert [str(k) for k in single if single[k] != double[k]] == []
