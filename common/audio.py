@@ -78,11 +78,14 @@ def resample(wav: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(y)).to(wav.device, wav.dtype)
 
 
-def load_audio(path: str | os.PathLike, target_sr: int | None = None) -> tuple[torch.Tensor, int]:
-    """Mono float32 waveform (1-D tensor) and its sample rate, resampled to ``target_sr`` if given."""
+def load_audio(path: str | os.PathLike, target_sr: int | None = None,
+               span: tuple[int, int] | None = None) -> tuple[torch.Tensor, int]:
+    """Mono float32 waveform (1-D tensor) and its sample rate, resampled to ``target_sr`` if given; ``span``: only
+    the samples ``[start, stop)`` of the file (at its own rate)."""
     path = Path(path)
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        start, stop = span if span is not None else (0, None)
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True, start=start, stop=stop)
     except (sf.LibsndfileError, RuntimeError, OSError, TypeError) as err:
         raise UserError(f"{path}: cannot read audio ({err}); convert it to 16-bit PCM WAV") from None
     wav = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))
@@ -103,13 +106,15 @@ def write_wav(path: str | os.PathLike, wav, sample_rate: int) -> None:
 
 
 class AudioDataset(torch.utils.data.Dataset):
-    """``(index, mono waveform at sample_rate)`` for a list of files: a DataLoader worker reads ahead of the model."""
+    """``(index, mono waveform at sample_rate)`` for a list of files (``spans``: a sample range of each, or None for
+    the whole file): a DataLoader worker reads ahead of the model."""
 
-    def __init__(self, paths, sample_rate: int):
+    def __init__(self, paths, sample_rate: int, spans=None):
         self.paths, self.sample_rate = list(paths), int(sample_rate)
+        self.spans = list(spans) if spans is not None else [None] * len(self.paths)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        return i, load_audio(self.paths[i], self.sample_rate)[0]
+        return i, load_audio(self.paths[i], self.sample_rate, self.spans[i])[0]

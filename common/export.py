@@ -28,6 +28,7 @@ import torch
 
 from common import calibration
 from common import first_pass as A
+from common import long_rows
 from common import frames as F
 from common.audio import AudioDataset, audio_info, length_buckets
 from common.calibration import Calibration
@@ -52,7 +53,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 @dataclass(frozen=True)
 class ExportOptions:
     """The export's settings: the top-level keys of ``hparams/export.yaml`` (which holds their defaults and help)
-    plus the two objects it builds from them, ``refiner`` and ``hmm_aligner``."""
+    plus the objects it builds from them, ``refiner``, ``hmm_aligner`` and ``long_rows``."""
     corpus: Path
     model_dir: Path
     metadata: Path | None
@@ -109,10 +110,16 @@ class ExportOptions:
     hmm_em_iters: int
     hmm_max_train_hours: float
     hmm_seed: int
+    hmm_flat_start_max_s: float
+    long_row_s: float
+    piece_s: float
+    ctc_window_s: float
+    ctc_context_s: float
     calibration: Path | None
     labelled: Path | None
     refiner: object  # common.refine.RefineConfig
     hmm_aligner: object  # common.hmm.HMMConfig
+    long_rows: object  # common.long_rows.LongRowConfig
 
     def __post_init__(self):
         for k in ("corpus", "model_dir", "metadata", "wav_dir", "phones_tsv", "calibration", "labelled"):
@@ -130,6 +137,8 @@ class ExportOptions:
             (self.hop_length > 0, f"--hop_length must be > 0, got {self.hop_length}"),
             (self.limit >= 0 and self.plots >= 0, "--limit and --plots must be >= 0"),
             (self.hmm_states >= 1, f"--hmm_states must be >= 1, got {self.hmm_states}"),
+            (self.long_row_s <= 0 or 0 < self.piece_s <= self.long_row_s,
+             f"--piece_s must be in (0, --long_row_s], got {self.piece_s} and {self.long_row_s}"),
             (not (self.calibration and self.labelled),
              "give --labelled (calibrate from those rows in this export) or --calibration (offsets fitted before), "
              "not both"),
@@ -202,6 +211,7 @@ class Item:
     out: Path
     where: str
     spk: str = ""
+    span: tuple[int, int] | None = None  # a piece of a long row: its samples [start, stop) (common/long_rows.py)
 
     @property
     def duration_s(self) -> float:
@@ -376,7 +386,8 @@ class FirstPass:
 
         o = self.opts
         batches = self.batches(items) if batches is None else batches
-        loader = torch.utils.data.DataLoader(AudioDataset([it.wav for it in items], self.model_sr),
+        loader = torch.utils.data.DataLoader(AudioDataset([it.wav for it in items], self.model_sr,
+                                                          [it.span for it in items]),
                                              batch_sampler=batches, collate_fn=_collate,
                                              num_workers=1 if len(items) > 1 else 0)
         for idx, wavs, lens in loader:
@@ -423,7 +434,7 @@ def export_corpus(opts: ExportOptions) -> dict:
     from tqdm import tqdm
 
     from common.model import load_run
-    from common.run_report import provenance
+    from common.run_report import peak_memory_mb, provenance
 
     t0 = time.time()
     timing: dict = {}
@@ -449,11 +460,14 @@ def export_corpus(opts: ExportOptions) -> dict:
     results: dict[str, dict] = {}
     failures: dict[str, str] = {}
     refining = opts.refine and bool(todo)
-    collect = refining or (reference is not None and bool(todo))  # every row's first pass before writing any
-    first = items if collect else todo  # the refiner learns from every row, even those already written
+    need_all = refining or (reference is not None and bool(todo))  # the refiner learns from every row, even those
+    # already written; rows longer than long_row_s are aligned in pieces (joined again before writing)
+    first, pieces = long_rows.split(items if need_all else todo, run, opts.long_rows, device) \
+        if opts.long_row_s > 0 else (items if need_all else todo, {})
+    collect = need_all or bool(pieces)  # every row's first pass before writing any
     labelled = {}
     if reference is not None and collect:
-        labelled = {i: reference[it.rel] for i, it in enumerate(first) if it.rel in reference}
+        labelled = {i: reference[it.rel] for i, it in enumerate(first) if it.rel in reference and it.span is None}
         if not labelled:
             raise UserError(f"{opts.labelled}: none of its {len(reference)} row(s) is in {opts.corpus}'s metadata; "
                             f"name them by rel_path (e.g. {first[0].rel if first else 'voice/utt'})")
@@ -501,6 +515,8 @@ def export_corpus(opts: ExportOptions) -> dict:
         cal = _fit_labelled(passed, labelled, report_dir / "calibration.json", opts)
         cal_info = {"labelled": str(opts.labelled), "labelled_rows": len(labelled), "boundaries": cal.boundaries,
                     "file": str(report_dir / "calibration.json")}
+    if pieces:
+        passed = long_rows.rejoin(passed, pieces, {it.rel: it for it in items})
     if collect:
         t = time.time()
         _calibrate(passed, cal)
@@ -525,10 +541,12 @@ def export_corpus(opts: ExportOptions) -> dict:
                        for rel, r in sorted(results.items())},
         "refine": refine_stats,
         "calibration": cal_info,
+        "pieces": {rel: len(p) for rel, p in sorted(pieces.items())},  # long rows aligned in pieces
     }
     write_json(report_dir / REPORT_FILE, report)
     elapsed = time.time() - t0
-    timing.update(processes=shard.world, seconds=round(elapsed, 2), audio_seconds=round(audio_s, 2),
+    timing.update(processes=shard.world, peak_memory_mb=round(peak_memory_mb(device), 1), seconds=round(elapsed, 2),
+                  audio_seconds=round(audio_s, 2),
                   realtime_factor=round(audio_s / elapsed, 1) if elapsed > 0 else None)
     write_json(report_dir / TIMING_FILE, timing)
     return {**report, "timing": timing}
@@ -548,7 +566,8 @@ def _refine(passed: list[Alignment], vocab, device: str, opts: ExportOptions, la
     fixed = {i: calibration.pin_to_reference(passed[i].units, first_ends[i], ref, cfg.hop_ms / 1000.0)
              for i, ref in labelled.items()}
     counts, hop_s, confs, stats = refine_boundaries(
-        lambda i: load_audio(passed[i].item.wav, cfg.sample_rate)[0], [a.item.duration_s for a in passed],
+        lambda i: load_audio(passed[i].item.wav, cfg.sample_rate, passed[i].item.span)[0],
+        [a.item.duration_s for a in passed],
         [a.unit_ids() for a in passed], first_ends, len(vocab), cfg, opts.hmm_aligner, opts.hmm_weight,
         opts.hmm_flat_start_schedule, device, log, fixed, timing, shard)
     for a, c, rc in zip(passed, counts, confs):

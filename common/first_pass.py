@@ -7,8 +7,9 @@ Scores for monotonic alignment search, per utterance, rows = aligned tokens, col
   while predicting token ``u``);
 - ``joint``: ``ctc_weight * ctc + (1 - ctc_weight) * attention``.
 
-Edge silence: when a token sequence does not start (end) with a silence token, a ``pau`` (``common.vocab.SIL``) slot scored by the CTC
-blank log-posterior is put in front (behind), so leading/trailing silence is not glued to the first/last phone.
+Edge silence: when a token sequence does not start (end) with a silence token, a ``pau`` (``common.vocab.SIL``)
+slot scored by the CTC blank log-posterior is put in front (behind), so leading/trailing silence is not glued to the
+first/last phone.
 MAS gives each row >= 1 frame.
 
 CTC anchoring: MAS over raw CTC posteriors is fragile, because CTC is peaky: in the many blank-dominated frames
@@ -34,7 +35,7 @@ FORBID = -1e4  # a cell no path may use (another token's CTC emission)
 
 
 def alignment_units(tokens: list[str], edge_silence: bool = True) -> tuple[list[str], bool, bool]:
-    """Tokens to align, with ``pau`` (``common.vocab.SIL``) slots added at the edges that lack silence; (units, lead, trail)."""
+    """Tokens to align, with ``pau`` slots added at the edges that lack silence; (units, lead, trail)."""
     lead = edge_silence and (not tokens or tokens[0] not in SILENCE_TOKENS)
     trail = edge_silence and (not tokens or tokens[-1] not in SILENCE_TOKENS)
     return ([SIL] if lead else []) + list(tokens) + ([SIL] if trail else []), lead, trail

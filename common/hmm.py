@@ -51,6 +51,7 @@ class HMMConfig:
     seed: int = 0
     em_iters: int = 3
     sample_rate: int = 16000
+    flat_start_max_s: float = 15.0  # a flat start runs on rows up to this long (the longer ones keep the others')
 
 
 class MFCC:
@@ -227,6 +228,11 @@ def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: lis
     ok = [i for i, (f, u) in enumerate(zip(feats, unit_ids)) if f.shape[0] >= cfg.states * len(u)]
     stats: dict = {"skipped_too_fast": n_utts - len(ok)}
     out: list[np.ndarray | None] = [None] * n_utts
+    if init_ends_s is None:
+        # a flat start (an even split of each row) is a usable first segmentation of a sentence, not of a long
+        # stretch of speech, where it lands far from the phones: it runs on rows up to flat_start_max_s only
+        ok = [i for i in ok if durations[i] <= cfg.flat_start_max_s]
+        stats["flat_start_skipped_long"] = n_utts - stats["skipped_too_fast"] - len(ok)
     if ok:
         # a seeded sample of at most max_train_hours of audio trains the GMMs; the final model aligns every row
         train, acc = sample_hours(ok, durations, cfg.max_train_hours, cfg.seed)

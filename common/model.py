@@ -288,7 +288,11 @@ def load_run(model_dir, device: str = "cpu", min_key: str = "PER", overrides: di
     for f in (hp_file, tok_file):
         if not f.is_file():
             raise UserError(f"{f} not found; is {model_dir} the output_folder of recipes/train.py?")
-    ov = {"tokens_file": str(tok_file), "output_folder": str(model_dir), "noise_csv": None, "data_folder": str(model_dir)}
+    vocab = Vocab.load(tok_file)
+    # the saved yaml holds the original paths with every reference resolved (the manifests' tokens.txt among them):
+    # the run folder's own files decide
+    ov = {"tokens_file": str(tok_file), "output_folder": str(model_dir), "noise_csv": None,
+          "data_folder": str(model_dir), "output_neurons": len(vocab)}
     ov.update(overrides or {})
     with open(hp_file, encoding="utf-8") as fh:
         hparams = load_hyperpyyaml(fh, ov)
@@ -306,7 +310,7 @@ def load_run(model_dir, device: str = "cpu", min_key: str = "PER", overrides: di
     else:
         ckpter.load_checkpoint(ckpt)
     modules = nn.ModuleDict(dict(hparams["modules"])).to(device).eval()
-    return TrainedModel(modules, hparams, Vocab.load(tok_file), Path(ckpt.path).resolve(), model_dir.resolve())
+    return TrainedModel(modules, hparams, vocab, Path(ckpt.path).resolve(), model_dir.resolve())
 
 
 def load_for_inference(model_dir, device: str = "cpu", min_key: str = "PER", overrides: dict | None = None):

@@ -315,22 +315,25 @@ def load_hparams(hparams_file, overrides):
 def main(argv=None) -> int:
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:] if argv is None else argv)
     hparams = load_hparams(hparams_file, overrides)
-    # the batch follows the hardware (common/batching.py): bigger batches and a scaled lr on CUDA
+    vocab = Vocab.load(hparams["tokens_file"])
+    # settings derived here become overrides, so the run folder's hyperparams.yaml holds plain values (its saved copy
+    # resolves every reference: an !apply over the manifests' tokens.txt would tie the run to the manifests):
+    # the vocabulary size, and the batch for this device (common/batching.py: bigger batches and a scaled lr on CUDA)
     given = (ruamel.yaml.YAML(typ="safe").load(overrides) if overrides else None) or {}
     extra = device_overrides(hparams, run_opts["device"] or infer_device(), given,
                              sum(float(r["duration"]) for r in read_manifest(hparams["train_csv"])))
     if extra:
         logger.info(f"batch for this device: {extra}")
-        stream = io.StringIO()
-        ruamel.yaml.YAML(typ="safe").dump({**given, **extra}, stream)
-        overrides = stream.getvalue()
-        hparams = load_hparams(hparams_file, overrides)
+    extra.setdefault("output_neurons", given.get("output_neurons", len(vocab)))
+    stream = io.StringIO()
+    ruamel.yaml.YAML(typ="safe").dump({**given, **extra}, stream)
+    overrides = stream.getvalue()
+    hparams = load_hparams(hparams_file, overrides)
     if hparams["overfit_one_batch"] and run_opts["debug"]:
         raise UserError("--overfit_one_batch and SpeechBrain's --debug are different modes; pick one")
     check_metrics_csv(hparams["metrics_csv"])
     if int(hparams["num_threads"]) > 0:
         torch.set_num_threads(int(hparams["num_threads"]))
-    vocab = Vocab.load(hparams["tokens_file"])
     if hparams["output_neurons"] != len(vocab):
         raise UserError(f"output_neurons={hparams['output_neurons']} but {hparams['tokens_file']} has {len(vocab)}")
     run_opts = gloo_without_cuda(run_opts)

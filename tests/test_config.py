@@ -20,7 +20,7 @@ OPTIONS = config.read_options(DEFAULT_YAML)
 
 
 def test_every_export_option_is_a_yaml_key_with_help():
-    fields = {f.name for f in dataclasses.fields(ExportOptions)} - {"refiner", "hmm_aligner"}
+    fields = {f.name for f in dataclasses.fields(ExportOptions)} - {"refiner", "hmm_aligner", "long_rows"}
     assert set(OPTIONS) == fields
     assert all(o.help for o in OPTIONS.values()), [k for k, o in OPTIONS.items() if not o.help]
     opts = load_options({"corpus": "/c"})

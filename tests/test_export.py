@@ -291,3 +291,25 @@ def test_two_process_export_writes_the_files_of_one_process(corpus_copy, tmp_pat
     double = _outputs(corpus)
     assert single.keys() == double.keys() and len(single) > 2 * len(rows(corpus))
     assert [str(k) for k in single if single[k] != double[k]] == []
+
+
+def test_a_moved_run_folder_needs_nothing_else(corpus_copy, tmp_path):
+    """The run folder is the contract: with its manifests gone, a copy elsewhere still exports and decodes (the
+    phone LM from its train_phonemes.txt)."""
+    corpus, model = corpus_copy
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(model, moved, ignore=shutil.ignore_patterns("decode.jsonl"))
+    man = Path(json.loads((model / "phonemes.json").read_text())["manifests"])
+    test_csv = tmp_path / "test.csv"
+    shutil.copy(man / "test.csv", test_csv)
+    hidden = man.with_name(man.name + "_hidden")
+    man.rename(hidden)
+    try:
+        export(corpus, moved, "--no_mels", "--no_refine", "--overwrite")
+        rep = json.loads((corpus / "durations" / "export_report.json").read_text())
+        assert rep["counts"]["success"] == len(rows(corpus)) and rep["phonemes"]["g2p"] == MATCHA_G2P
+        r = run([sys.executable, ROOT / "recipes/decode.py", ROOT / "hparams/phoneme.yaml", "--model_dir", moved,
+                 "--test_csv", test_csv, "--decoder", "attention", "--beam_size", "2"])
+        assert "phone-LM" in r.stdout and (moved / "decode.jsonl").is_file()
+    finally:
+        hidden.rename(man)
