@@ -61,6 +61,9 @@ class ExportOptions:
     g2p: str | None
     symbols: str | None
     phones_tsv: Path | None
+    styletts2_asr: Path | None
+    styletts2_config: Path | None
+    styletts2_blank: int
     format: str
     add_blank: bool
     hop_length: int
@@ -114,7 +117,8 @@ class ExportOptions:
     hmm_aligner: object  # common.hmm.HMMConfig
 
     def __post_init__(self):
-        for k in ("corpus", "model_dir", "metadata", "wav_dir", "phones_tsv", "calibration", "labelled"):
+        for k in ("corpus", "model_dir", "metadata", "wav_dir", "phones_tsv", "styletts2_asr", "styletts2_config",
+                  "calibration", "labelled"):
             v = getattr(self, k)
             if v is not None and not isinstance(v, Path):
                 object.__setattr__(self, k, Path(str(v)))
@@ -129,6 +133,8 @@ class ExportOptions:
             (self.hop_length > 0, f"--hop_length must be > 0, got {self.hop_length}"),
             (self.limit >= 0 and self.plots >= 0, "--limit and --plots must be >= 0"),
             (self.hmm_states >= 1, f"--hmm_states must be >= 1, got {self.hmm_states}"),
+            (self.styletts2_asr is not None or self.styletts2_config is None,
+             "--styletts2_config goes with --styletts2_asr (the checkpoint it configures)"),
             (not (self.calibration and self.labelled),
              "give --labelled (calibrate from those rows in this export) or --calibration (offsets fitted before), "
              "not both"),
@@ -241,6 +247,8 @@ def phoneme_source(opts: ExportOptions) -> dict:
     """G2P / symbols / phones_tsv: the ones given, else those the model was trained with (its run folder)."""
     if opts.g2p or opts.symbols or opts.phones_tsv:
         return {"g2p": opts.g2p, "symbols": opts.symbols, "phones_tsv": opts.phones_tsv, "from": "options"}
+    if opts.styletts2_asr:  # StyleTTS2 phonemizes with espeak-ng (stress and punctuation kept), as our default G2P
+        return {"g2p": None, "symbols": None, "phones_tsv": None, "from": "StyleTTS2 (espeak-ng IPA)"}
     from common.run_folder import load_phoneme_source
 
     src = load_phoneme_source(opts.model_dir)
@@ -264,7 +272,7 @@ def prepare_items(opts: ExportOptions, vocab, src: dict) -> list[Item]:
                             f"the model was trained on phones from this file (or give --g2p)")
         tokens = {r.id: table[r.id][0] for r in recs}
     else:
-        g2p = G2P(src["g2p"], cache_file=opts.model_dir / ".g2p_cache.json")
+        g2p = G2P(src["g2p"], cache_file=None if opts.styletts2_asr else opts.model_dir / ".g2p_cache.json")
         for r in recs:
             g2p.check_language(r.language, r.where)
         ph = g2p.phonemize_all(((r.language, r.text) for r in recs), progress=opts.progress)
@@ -290,6 +298,8 @@ def prepare_items(opts: ExportOptions, vocab, src: dict) -> list[Item]:
         if symbols is not None:
             check_symbols(toks, symbols, r.where)
         unknown = sorted({t for t in toks if t not in vocab.index})
+        if unknown and hasattr(vocab, "unknown_message"):  # a StyleTTS2 symbol table
+            raise UserError(f"{r.where}: {vocab.unknown_message(unknown)}")
         if unknown:
             raise UserError(f"{r.where}: token(s) {unknown} not in the model's tokens.txt ({opts.model_dir}); the "
                             f"model was trained with another G2P/vocabulary: retrain on manifests covering this corpus")
@@ -309,13 +319,10 @@ def prepare_items(opts: ExportOptions, vocab, src: dict) -> list[Item]:
     return items
 
 
-def check_feasible(items: list[Item], hparams, edge_silence: bool) -> None:
-    from common.model import feature_hop_samples
-
-    hop = feature_hop_samples(hparams)
-    model_sr = int(hparams["sample_rate"])
+def check_feasible(items: list[Item], scorer, edge_silence: bool) -> None:
+    edge_silence = edge_silence or scorer.edge_rows
     for it in items:
-        frames = F.num_feature_frames(int(it.num_samples * model_sr / it.sr), hop)
+        frames = scorer.num_frames(int(it.num_samples * scorer.sample_rate / it.sr))
         units = len(A.alignment_units(it.tokens, edge_silence)[0])
         if frames < units:
             raise UserError(f"{it.where}: audio too short for its tokens ({it.duration_s:.3f}s = {frames} "
@@ -325,12 +332,15 @@ def check_feasible(items: list[Item], hparams, edge_silence: bool) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # The first pass
 # --------------------------------------------------------------------------------------------------------------------
-def greedy_per(ctc_logp: torch.Tensor, ids: list[int]) -> float:
-    """PER (%) of the CTC best path [T, V] against the expected tokens (a cheap transcript-mismatch detector)."""
-    from common.metrics import error_rate
-    from common.model import ctc_greedy
+def greedy_per(ctc_logp: torch.Tensor, ids: list[int], blank_id: int = BLANK_ID) -> float:
+    """PER (%) of the CTC best path [T, V] against the expected tokens (a cheap transcript-mismatch detector); tokens
+    whose id is the blank are not CTC labels (AuxiliaryASR's word space) and do not count."""
+    from speechbrain.decoders import ctc_greedy_decode
 
-    return error_rate(ids, ctc_greedy(ctc_logp[None], torch.ones(1))[0])
+    from common.metrics import error_rate
+
+    hyp = ctc_greedy_decode(ctc_logp[None], torch.ones(1), blank_id=blank_id)[0]
+    return error_rate([i for i in ids if i != blank_id], hyp)
 
 
 @torch.inference_mode()
@@ -347,6 +357,60 @@ def _model_scores(modules, hparams, wavs, lens, tok_bos, tok_lens, kind: str, us
     return ctc_logp.float(), attn, [int(x) for x in abs_lengths(lens, enc.shape[1]).tolist()]
 
 
+class RecognizerScorer:
+    """The export's scorer interface for our recognizer (``common/model.py``): waveforms at ``sample_rate`` ->
+    CTC log-probs [B, T, V], attention [B, U+1, T] (row u = token u; ``edge_rows`` False: the edge silence slots are
+    scored by the CTC blank) and frame counts at ``hop_s`` seconds per frame. ``common.styletts2.StyleTTS2Scorer``
+    is the other implementation."""
+    edge_rows = False
+    blank_id = BLANK_ID
+
+    def __init__(self, modules, hparams):
+        from common.model import feature_hop_samples
+
+        self.modules, self.hparams = modules, hparams
+        self.sample_rate = int(hparams["sample_rate"])
+        self.hop_s = float(hparams["hop_length"]) / 1000.0
+        self._hop = feature_hop_samples(hparams)
+
+    def num_frames(self, num_samples: int) -> int:
+        return F.num_feature_frames(num_samples, self._hop)
+
+    def scores(self, wavs, lens, ids: list[list[int]], need_attn: bool, use_amp: bool):
+        from common.model import batch_tokens_bos
+
+        dev = next(self.modules.parameters()).device
+        tok_bos, tok_lens = batch_tokens_bos(ids)
+        return _model_scores(self.modules, self.hparams, wavs.to(dev), lens.to(dev), tok_bos.to(dev),
+                             tok_lens.to(dev), "joint" if need_attn else "ctc", use_amp)
+
+
+@dataclass
+class LoadedModel:
+    """The model the export aligns with: its scorer, vocabulary, and what to record of it."""
+    scorer: object  # RecognizerScorer | common.styletts2.StyleTTS2Scorer
+    vocab: object  # common.vocab.Vocab | common.styletts2.SymbolVocab
+    checkpoint: Path
+    family: str  # "recognizer" | "styletts2"
+
+
+def load_model(opts: ExportOptions, device: str) -> LoadedModel:
+    """``--styletts2_asr`` (StyleTTS2's checkpoint, used as it is), else the run folder ``--model_dir`` (our
+    recognizer, or a fine-tuned StyleTTS2 ASR: its yaml's ``model_family``)."""
+    from common import styletts2
+    from common.model import load_run
+
+    if opts.styletts2_asr:
+        asr = styletts2.load_checkpoint(opts.styletts2_asr, opts.styletts2_config, device)
+        return LoadedModel(styletts2.StyleTTS2Scorer(asr.model, asr.vocab, opts.styletts2_blank), asr.vocab,
+                           asr.checkpoint, "styletts2")
+    run = load_run(opts.model_dir, device)
+    if run.hparams.get("model_family") == "styletts2":
+        scorer = styletts2.scorer_from_run(run)
+        return LoadedModel(scorer, scorer.vocab, run.checkpoint, "styletts2")
+    return LoadedModel(RecognizerScorer(run.modules, run.hparams), run.vocab, run.checkpoint, "recognizer")
+
+
 def _collate(batch):
     from common.model import batch_wavs
 
@@ -354,46 +418,43 @@ def _collate(batch):
 
 
 class FirstPass:
-    """The recognizer's scores (``scores``: CTC, attention or joint), CTC anchoring and one batched MAS per
-    length-sorted batch (audio read ahead by a DataLoader worker). ``run(items)`` yields, per batch, the indices
-    of its items, their ``Alignment`` rows and their score matrices (for plots)."""
+    """A scorer's scores (``scores``: CTC, attention or joint; ``RecognizerScorer`` or StyleTTS2's), CTC anchoring and
+    one batched MAS per length-sorted batch (audio read ahead by a DataLoader worker). ``run(items)`` yields, per
+    batch, the indices of its items, their ``Alignment`` rows and their score matrices (for plots). A scorer with
+    ``edge_rows`` (StyleTTS2: ``0`` tokens at both ends) always has both edge silence slots."""
 
-    def __init__(self, modules, hparams, opts: ExportOptions, device: str, precision: str):
-        self.modules, self.hparams, self.opts, self.device = modules, hparams, opts, device
+    def __init__(self, scorer, opts: ExportOptions, precision: str):
+        self.scorer, self.opts = scorer, opts
         self.use_amp = precision == "bf16"
-        self.model_sr = int(hparams["sample_rate"])
-        self.hop_s = float(hparams["hop_length"]) / 1000.0
 
     def run(self, items: list[Item]) -> Iterator[tuple[list[int], list[Alignment], list[torch.Tensor]]]:
-        from common.model import batch_tokens_bos
-
-        o = self.opts
+        o, sc_ = self.opts, self.scorer
+        blank, edge_rows = sc_.blank_id, sc_.edge_rows
         batches = length_buckets([it.duration_s for it in items], o.batch_seconds, longest_first=True)
-        loader = torch.utils.data.DataLoader(AudioDataset([it.wav for it in items], self.model_sr),
+        loader = torch.utils.data.DataLoader(AudioDataset([it.wav for it in items], sc_.sample_rate),
                                              batch_sampler=batches, collate_fn=_collate,
                                              num_workers=1 if len(items) > 1 else 0)
         for idx, wavs, lens in loader:
             batch = [items[i] for i in idx]
-            tok_bos, tok_lens = batch_tokens_bos([it.ids for it in batch])
-            ctc_logp, attn, frame_lens = _model_scores(self.modules, self.hparams, wavs.to(self.device),
-                                                       lens.to(self.device), tok_bos.to(self.device),
-                                                       tok_lens.to(self.device), o.scores, self.use_amp)
+            ctc_logp, attn, frame_lens = sc_.scores(wavs, lens, [it.ids for it in batch], o.scores != "ctc",
+                                                    self.use_amp)
             units, scores = [], []
             for k, it in enumerate(batch):
-                u, lead, trail = A.alignment_units(it.tokens, o.edge_silence)
+                u, lead, trail = A.alignment_units(it.tokens, o.edge_silence or edge_rows)
                 units.append((u, lead, trail))
                 ctc_k = ctc_logp[k, : frame_lens[k]]
                 att_k = None if attn is None else attn[k, :, : frame_lens[k]]
-                sc = A.score_matrix(ctc_k, att_k, it.ids, lead, trail, o.scores, o.ctc_weight)
-                spans = A.ctc_emissions(ctc_k, it.ids) if o.anchor else None
+                sc = A.score_matrix(ctc_k, att_k, it.ids, lead, trail, o.scores, o.ctc_weight, blank, edge_rows)
+                spans = A.ctc_emissions(ctc_k, it.ids, blank) if o.anchor else None
                 scores.append(A.anchor(sc, spans, lead) if spans else sc)
             frames = A.mas_frames(scores, frame_lens)
             rows = []
             for k, it in enumerate(batch):
                 ctc_k = ctc_logp[k, : frame_lens[k]].cpu()
                 u, lead, trail = units[k]
-                rows.append(Alignment(it, u, lead, trail, frames[k], self.hop_s,
-                                      A.token_confidence(ctc_k, it.ids, frames[k], lead), greedy_per(ctc_k, it.ids)))
+                rows.append(Alignment(it, u, lead, trail, frames[k], sc_.hop_s,
+                                      A.token_confidence(ctc_k, it.ids, frames[k], lead, blank),
+                                      greedy_per(ctc_k, it.ids, blank)))
             yield list(idx), rows, scores
 
 
@@ -412,7 +473,6 @@ def export_corpus(opts: ExportOptions) -> dict:
     """Run the export; returns the report (as written to ``export_report.json``) with its ``timing`` added."""
     from tqdm import tqdm
 
-    from common.model import load_run
     from common.run_report import provenance
 
     t0 = time.time()
@@ -421,10 +481,10 @@ def export_corpus(opts: ExportOptions) -> dict:
     precision = resolve_precision(opts.precision, device)
     cal = Calibration.load(opts.calibration) if opts.calibration else None
     reference = calibration.load_reference(opts.labelled) if opts.labelled else None
-    run = load_run(opts.model_dir, device)
+    model = load_model(opts, device)
     src = phoneme_source(opts)
-    items = prepare_items(opts, run.vocab, src)
-    check_feasible(items, run.hparams, opts.edge_silence)
+    items = prepare_items(opts, model.vocab, src)
+    check_feasible(items, model.scorer, opts.edge_silence)
     report_dir = opts.corpus / "durations"
     align_file = report_dir / ALIGNMENTS_FILE
     _remove_stale_temps({it.out.parent for it in items} | {report_dir})
@@ -449,7 +509,7 @@ def export_corpus(opts: ExportOptions) -> dict:
     # without refinement, one background thread writes each finished batch (in order) while the next one runs
     writer, written = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export-writer"), []
     try:
-        for idx, rows, scores in FirstPass(run.modules, run.hparams, opts, device, precision).run(first):
+        for idx, rows, scores in FirstPass(model.scorer, opts, precision).run(first):
             for a, sc in zip(rows, scores):
                 if plots_left > 0:
                     _plot(a, sc.cpu(), report_dir / "plots")
@@ -466,7 +526,7 @@ def export_corpus(opts: ExportOptions) -> dict:
     audio_s = sum(f.result() for f in written)
     bar.close()
     timing["first_pass_s"] = round(time.time() - t0, 2)
-    refine_stats = _refine(passed, run.vocab, device, opts, labelled, timing) if refining else None
+    refine_stats = _refine(passed, model.vocab, device, opts, labelled, timing) if refining else None
     cal_info = None if cal is None else {"file": str(opts.calibration), "boundaries": cal.boundaries}
     if labelled:
         cal = _fit_labelled(passed, labelled, report_dir / "calibration.json", opts)
@@ -479,7 +539,8 @@ def export_corpus(opts: ExportOptions) -> dict:
         audio_s += _write_all([a for a in passed if a.item.rel in todo_rels], opts, align_file, results, failures)
         timing["write_s"] = round(time.time() - t, 2)
     report = {
-        "corpus": str(opts.corpus), "model_dir": str(opts.model_dir), "checkpoint": str(run.checkpoint),
+        "corpus": str(opts.corpus), "model_dir": None if opts.styletts2_asr else str(opts.model_dir),
+        "checkpoint": str(model.checkpoint), "model_family": model.family,
         "made_by": provenance(), "options": opts.as_record(), "phonemes": {k: str(v) if isinstance(v, Path) else v
                                                                             for k, v in src.items()},
         "device": device, "precision": precision, "scores": opts.scores, "format": opts.format,
