@@ -577,6 +577,9 @@ def check_pretrained(hparams) -> Path:
     """``--pretrained_path epoch_00080.pth``: its keys/shapes must be ASRCNN's for its config (before anything is
     written); returns the checkpoint path."""
     spec: RunSpec = hparams["styletts2"]
+    if not hparams["pretrained_path"]:
+        raise UserError("hparams/styletts2_asr.yaml fine-tunes StyleTTS2's ASR: give --pretrained_path "
+                        "Utils/ASR/epoch_00080.pth")
     ckpt = Path(hparams["pretrained_path"])
     base = StyleTTS2ASR(**model_params(spec.config))
     check_state(read_state(ckpt), base, str(ckpt), spec.config_file)
