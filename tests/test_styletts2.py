@@ -303,3 +303,15 @@ def test_full_finetuning_bf16_dynamic_batches_and_resume(ipa_manifests, tmp_path
     base = torch.load(FIXTURE / "epoch_00080.pth", weights_only=True)["model"]
     got = torch.load(best_ckpt(out) / "model.ckpt", weights_only=True)
     assert got.keys() == base.keys() and not torch.equal(got["asr_s2s.embedding.weight"], base["asr_s2s.embedding.weight"])
+
+
+def test_ddp_two_processes_lora(ipa_manifests, tmp_path):
+    out = tmp_path / "ddp"
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         ROOT / "recipes/train.py", ROOT / "hparams/styletts2_asr.yaml", "--data_folder", ipa_manifests,
+         "--output_folder", out, "--pretrained_path", FIXTURE / "epoch_00080.pth", "--number_of_epochs", "1",
+         "--train_subset", "8", "--max_batch_length", "8", "--validation_samples", "2", "--skip_test", "True",
+         "--num_threads", "1", "--noprogressbar", "--peft", "lora"], timeout=600)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["epochs"] == 1 and m["finetune"]["reload_ok"]
+    assert m["finetune"]["base_max_abs_change"] == 0.0
