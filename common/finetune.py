@@ -322,8 +322,8 @@ def setup_finetune(hparams, ckpt, run_on_main) -> FineTuning:
     n_all = sum(p.numel() for p in adapted.parameters())
     info.update(lora_r=int(hparams["lora_r"]), lora_alpha=float(hparams["lora_alpha"]),
                 lora_dropout=float(hparams["lora_dropout"]), lora_conv=bool(hparams["lora_conv"]),
-                lora_layers=layers, save_full_model=bool(hparams["save_full_model"]), trained_new_rows=new_rows,
-                trainable_params=n_train, total_params=n_all)
+                lora_layers=layers, save_full_model=bool(hparams["save_full_model"]),
+                trainable_params=n_train, total_params=n_all, **({"trained_new_rows": new_rows} if styletts2 else {}))
     logger.info(f"LoRA r={info['lora_r']} alpha={info['lora_alpha']} dropout={info['lora_dropout']} on "
                 f"{len(layers)} layers: {', '.join(layers)}; {n_train} of {n_all} parameters trainable; saving "
                 f"{'merged full weights + adapters' if info['save_full_model'] else 'adapters only'}")

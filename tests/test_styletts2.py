@@ -261,6 +261,9 @@ def test_lora_changes_only_adapters_and_writes_back(ipa_manifests, tmp_path):
     export(corpus, "--model_dir", out, "--no_refine")
     check_durations(corpus)
     assert json.loads((corpus / "durations" / "export_report.json").read_text())["model_family"] == "styletts2"
+    r = run([sys.executable, ROOT / "recipes/decode.py", ROOT / "hparams/styletts2_asr.yaml", "--model_dir", out,
+             "--test_csv", ipa_manifests / "test.csv"], check=False)
+    one_line_error(r, "fine-tuned StyleTTS2 ASR", "metrics.json")
 
 
 def test_new_symbols_get_rows_and_adapters_only_runs_reload(ipa_manifests, tmp_path):
@@ -289,6 +292,12 @@ def test_new_symbols_get_rows_and_adapters_only_runs_reload(ipa_manifests, tmp_p
     assert torch.equal(init[emb][:178], base[emb]) and (sd[emb][178] - init[emb][178]).abs().max() > 1e-4  # trained
     for a, b in zip(outputs_on_fixture(reloaded.model), outputs_on_fixture(load_run(out).modules["asr"])):
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    # the same, later, from the run folder (align/save_styletts2.py)
+    again = tmp_path / "again" / "ft.pth"
+    run([sys.executable, ROOT / "align/save_styletts2.py", "--model_dir", out, "--out", again])
+    a, b = torch.load(again, weights_only=True), torch.load(back, weights_only=True)
+    assert a["epochs"] == b["epochs"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    assert (again.parent / "config.yml").read_text() == (back.parent / "config.yml").read_text()
 
 
 def test_full_finetuning_bf16_dynamic_batches_and_resume(ipa_manifests, tmp_path):
