@@ -63,6 +63,9 @@ class ExportOptions:
     g2p: str | None
     symbols: str | None
     phones_tsv: Path | None
+    styletts2_asr: Path | None
+    styletts2_config: Path | None
+    styletts2_blank: int
     format: str
     add_blank: bool
     hop_length: int
@@ -122,7 +125,8 @@ class ExportOptions:
     long_rows: object  # common.long_rows.LongRowConfig
 
     def __post_init__(self):
-        for k in ("corpus", "model_dir", "metadata", "wav_dir", "phones_tsv", "calibration", "labelled"):
+        for k in ("corpus", "model_dir", "metadata", "wav_dir", "phones_tsv", "styletts2_asr", "styletts2_config",
+                  "calibration", "labelled"):
             v = getattr(self, k)
             if v is not None and not isinstance(v, Path):
                 object.__setattr__(self, k, Path(str(v)))
@@ -139,6 +143,8 @@ class ExportOptions:
             (self.hmm_states >= 1, f"--hmm_states must be >= 1, got {self.hmm_states}"),
             (self.long_row_s <= 0 or 0 < self.piece_s <= self.long_row_s,
              f"--piece_s must be in (0, --long_row_s], got {self.piece_s} and {self.long_row_s}"),
+            (self.styletts2_asr is not None or self.styletts2_config is None,
+             "--styletts2_config goes with --styletts2_asr (the checkpoint it configures)"),
             (not (self.calibration and self.labelled),
              "give --labelled (calibrate from those rows in this export) or --calibration (offsets fitted before), "
              "not both"),
@@ -252,6 +258,8 @@ def phoneme_source(opts: ExportOptions) -> dict:
     """G2P / symbols / phones_tsv: the ones given, else those the model was trained with (its run folder)."""
     if opts.g2p or opts.symbols or opts.phones_tsv:
         return {"g2p": opts.g2p, "symbols": opts.symbols, "phones_tsv": opts.phones_tsv, "from": "options"}
+    if opts.styletts2_asr:  # StyleTTS2 phonemizes with espeak-ng (stress and punctuation kept), as our default G2P
+        return {"g2p": None, "symbols": None, "phones_tsv": None, "from": "StyleTTS2 (espeak-ng IPA)"}
     from common.run_folder import load_phoneme_source
 
     src = load_phoneme_source(opts.model_dir)
@@ -275,7 +283,7 @@ def prepare_items(opts: ExportOptions, vocab, src: dict) -> list[Item]:
                             f"the model was trained on phones from this file (or give --g2p)")
         tokens = {r.id: table[r.id][0] for r in recs}
     else:
-        g2p = G2P(src["g2p"], cache_file=opts.model_dir / ".g2p_cache.json")
+        g2p = G2P(src["g2p"], cache_file=None if opts.styletts2_asr else opts.model_dir / ".g2p_cache.json")
         for r in recs:
             g2p.check_language(r.language, r.where)
         ph = g2p.phonemize_all(((r.language, r.text) for r in recs), progress=opts.progress)
@@ -301,6 +309,8 @@ def prepare_items(opts: ExportOptions, vocab, src: dict) -> list[Item]:
         if symbols is not None:
             check_symbols(toks, symbols, r.where)
         unknown = sorted({t for t in toks if t not in vocab.index})
+        if unknown and hasattr(vocab, "unknown_message"):  # a StyleTTS2 symbol table
+            raise UserError(f"{r.where}: {vocab.unknown_message(unknown)}")
         if unknown:
             raise UserError(f"{r.where}: token(s) {unknown} not in the model's tokens.txt ({opts.model_dir}); the "
                             f"model was trained with another G2P/vocabulary: retrain on manifests covering this corpus")
@@ -320,13 +330,10 @@ def prepare_items(opts: ExportOptions, vocab, src: dict) -> list[Item]:
     return items
 
 
-def check_feasible(items: list[Item], hparams, edge_silence: bool) -> None:
-    from common.model import feature_hop_samples
-
-    hop = feature_hop_samples(hparams)
-    model_sr = int(hparams["sample_rate"])
+def check_feasible(items: list[Item], scorer, edge_silence: bool) -> None:
+    edge_silence = edge_silence or scorer.edge_rows
     for it in items:
-        frames = F.num_feature_frames(int(it.num_samples * model_sr / it.sr), hop)
+        frames = scorer.num_frames(int(it.num_samples * scorer.sample_rate / it.sr))
         units = len(A.alignment_units(it.tokens, edge_silence)[0])
         if frames < units:
             raise UserError(f"{it.where}: audio too short for its tokens ({it.duration_s:.3f}s = {frames} "
@@ -336,12 +343,15 @@ def check_feasible(items: list[Item], hparams, edge_silence: bool) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # The first pass
 # --------------------------------------------------------------------------------------------------------------------
-def greedy_per(ctc_logp: torch.Tensor, ids: list[int]) -> float:
-    """PER (%) of the CTC best path [T, V] against the expected tokens (a cheap transcript-mismatch detector)."""
-    from common.metrics import error_rate
-    from common.model import ctc_greedy
+def greedy_per(ctc_logp: torch.Tensor, ids: list[int], blank_id: int = BLANK_ID) -> float:
+    """PER (%) of the CTC best path [T, V] against the expected tokens (a cheap transcript-mismatch detector); tokens
+    whose id is the blank are not CTC labels (AuxiliaryASR's word space) and do not count."""
+    from speechbrain.decoders import ctc_greedy_decode
 
-    return error_rate(ids, ctc_greedy(ctc_logp[None], torch.ones(1))[0])
+    from common.metrics import error_rate
+
+    hyp = ctc_greedy_decode(ctc_logp[None], torch.ones(1), blank_id=blank_id)[0]
+    return error_rate([i for i in ids if i != blank_id], hyp)
 
 
 @torch.inference_mode()
@@ -358,6 +368,60 @@ def _model_scores(modules, hparams, wavs, lens, tok_bos, tok_lens, kind: str, us
     return ctc_logp.float(), attn, [int(x) for x in abs_lengths(lens, enc.shape[1]).tolist()]
 
 
+class RecognizerScorer:
+    """The export's scorer interface for our recognizer (``common/model.py``): waveforms at ``sample_rate`` ->
+    CTC log-probs [B, T, V], attention [B, U+1, T] (row u = token u; ``edge_rows`` False: the edge silence slots are
+    scored by the CTC blank) and frame counts at ``hop_s`` seconds per frame. ``common.styletts2.StyleTTS2Scorer``
+    is the other implementation."""
+    edge_rows = False
+    blank_id = BLANK_ID
+
+    def __init__(self, modules, hparams):
+        from common.model import feature_hop_samples
+
+        self.modules, self.hparams = modules, hparams
+        self.sample_rate = int(hparams["sample_rate"])
+        self.hop_s = float(hparams["hop_length"]) / 1000.0
+        self._hop = feature_hop_samples(hparams)
+
+    def num_frames(self, num_samples: int) -> int:
+        return F.num_feature_frames(num_samples, self._hop)
+
+    def scores(self, wavs, lens, ids: list[list[int]], need_attn: bool, use_amp: bool):
+        from common.model import batch_tokens_bos
+
+        dev = next(self.modules.parameters()).device
+        tok_bos, tok_lens = batch_tokens_bos(ids)
+        return _model_scores(self.modules, self.hparams, wavs.to(dev), lens.to(dev), tok_bos.to(dev),
+                             tok_lens.to(dev), "joint" if need_attn else "ctc", use_amp)
+
+
+@dataclass
+class LoadedModel:
+    """The model the export aligns with: its scorer, vocabulary, and what to record of it."""
+    scorer: object  # RecognizerScorer | common.styletts2.StyleTTS2Scorer
+    vocab: object  # common.vocab.Vocab | common.styletts2.SymbolVocab
+    checkpoint: Path
+    family: str  # "recognizer" | "styletts2"
+
+
+def load_model(opts: ExportOptions, device: str) -> LoadedModel:
+    """``--styletts2_asr`` (StyleTTS2's checkpoint, used as it is), else the run folder ``--model_dir`` (our
+    recognizer, or a fine-tuned StyleTTS2 ASR: its yaml's ``model_family``)."""
+    from common import styletts2
+    from common.model import load_run
+
+    if opts.styletts2_asr:
+        asr = styletts2.load_checkpoint(opts.styletts2_asr, opts.styletts2_config, device)
+        return LoadedModel(styletts2.StyleTTS2Scorer(asr.model, asr.vocab, opts.styletts2_blank), asr.vocab,
+                           asr.checkpoint, "styletts2")
+    run = load_run(opts.model_dir, device)
+    if run.hparams.get("model_family") == "styletts2":
+        scorer = styletts2.scorer_from_run(run)
+        return LoadedModel(scorer, scorer.vocab, run.checkpoint, "styletts2")
+    return LoadedModel(RecognizerScorer(run.modules, run.hparams), run.vocab, run.checkpoint, "recognizer")
+
+
 def _collate(batch):
     from common.model import batch_wavs
 
@@ -365,15 +429,14 @@ def _collate(batch):
 
 
 class FirstPass:
-    """The recognizer's scores (``scores``: CTC, attention or joint), CTC anchoring and one batched MAS per
-    length-sorted batch (audio read ahead by a DataLoader worker). ``run(items)`` yields, per batch, the indices
-    of its items, their ``Alignment`` rows and their score matrices (for plots)."""
+    """A scorer's scores (``scores``: CTC, attention or joint; ``RecognizerScorer`` or StyleTTS2's), CTC anchoring and
+    one batched MAS per length-sorted batch (audio read ahead by a DataLoader worker). ``run(items)`` yields, per
+    batch, the indices of its items, their ``Alignment`` rows and their score matrices (for plots). A scorer with
+    ``edge_rows`` (StyleTTS2: ``0`` tokens at both ends) always has both edge silence slots."""
 
-    def __init__(self, modules, hparams, opts: ExportOptions, device: str, precision: str):
-        self.modules, self.hparams, self.opts, self.device = modules, hparams, opts, device
+    def __init__(self, scorer, opts: ExportOptions, precision: str):
+        self.scorer, self.opts = scorer, opts
         self.use_amp = precision == "bf16"
-        self.model_sr = int(hparams["sample_rate"])
-        self.hop_s = float(hparams["hop_length"]) / 1000.0
 
     def batches(self, items: list[Item]) -> list[list[int]]:
         """Length-sorted batches of item indices (the longest first), at most ``batch_seconds`` of padded audio."""
@@ -382,36 +445,34 @@ class FirstPass:
     def run(self, items: list[Item], batches: list[list[int]] | None = None
             ) -> Iterator[tuple[list[int], list[Alignment], list[torch.Tensor]]]:
         """Align ``items`` batch by batch (``batches``: default all of ``self.batches(items)``)."""
-        from common.model import batch_tokens_bos
-
-        o = self.opts
+        o, sc_ = self.opts, self.scorer
+        blank, edge_rows = sc_.blank_id, sc_.edge_rows
         batches = self.batches(items) if batches is None else batches
-        loader = torch.utils.data.DataLoader(AudioDataset([it.wav for it in items], self.model_sr,
+        loader = torch.utils.data.DataLoader(AudioDataset([it.wav for it in items], sc_.sample_rate,
                                                           [it.span for it in items]),
                                              batch_sampler=batches, collate_fn=_collate,
                                              num_workers=1 if len(items) > 1 else 0)
         for idx, wavs, lens in loader:
             batch = [items[i] for i in idx]
-            tok_bos, tok_lens = batch_tokens_bos([it.ids for it in batch])
-            ctc_logp, attn, frame_lens = _model_scores(self.modules, self.hparams, wavs.to(self.device),
-                                                       lens.to(self.device), tok_bos.to(self.device),
-                                                       tok_lens.to(self.device), o.scores, self.use_amp)
+            ctc_logp, attn, frame_lens = sc_.scores(wavs, lens, [it.ids for it in batch], o.scores != "ctc",
+                                                    self.use_amp)
             units, scores = [], []
             for k, it in enumerate(batch):
-                u, lead, trail = A.alignment_units(it.tokens, o.edge_silence)
+                u, lead, trail = A.alignment_units(it.tokens, o.edge_silence or edge_rows)
                 units.append((u, lead, trail))
                 ctc_k = ctc_logp[k, : frame_lens[k]]
                 att_k = None if attn is None else attn[k, :, : frame_lens[k]]
-                sc = A.score_matrix(ctc_k, att_k, it.ids, lead, trail, o.scores, o.ctc_weight)
-                spans = A.ctc_emissions(ctc_k, it.ids) if o.anchor else None
+                sc = A.score_matrix(ctc_k, att_k, it.ids, lead, trail, o.scores, o.ctc_weight, blank, edge_rows)
+                spans = A.ctc_emissions(ctc_k, it.ids, blank) if o.anchor else None
                 scores.append(A.anchor(sc, spans, lead) if spans else sc)
             frames = A.mas_frames(scores, frame_lens)
             rows = []
             for k, it in enumerate(batch):
                 ctc_k = ctc_logp[k, : frame_lens[k]].cpu()
                 u, lead, trail = units[k]
-                rows.append(Alignment(it, u, lead, trail, frames[k], self.hop_s,
-                                      A.token_confidence(ctc_k, it.ids, frames[k], lead), greedy_per(ctc_k, it.ids)))
+                rows.append(Alignment(it, u, lead, trail, frames[k], sc_.hop_s,
+                                      A.token_confidence(ctc_k, it.ids, frames[k], lead, blank),
+                                      greedy_per(ctc_k, it.ids, blank)))
             yield list(idx), rows, scores
 
 
@@ -433,7 +494,6 @@ def export_corpus(opts: ExportOptions) -> dict:
     processes return {}: the files are those a single process writes."""
     from tqdm import tqdm
 
-    from common.model import load_run
     from common.run_report import peak_memory_mb, provenance
 
     t0 = time.time()
@@ -445,10 +505,10 @@ def export_corpus(opts: ExportOptions) -> dict:
     precision = resolve_precision(opts.precision, device)
     cal = Calibration.load(opts.calibration) if opts.calibration else None
     reference = calibration.load_reference(opts.labelled) if opts.labelled else None
-    run = load_run(opts.model_dir, device)
+    model = load_model(opts, device)
     src = phoneme_source(opts)
-    items = prepare_items(opts, run.vocab, src)
-    check_feasible(items, run.hparams, opts.edge_silence)
+    items = prepare_items(opts, model.vocab, src)
+    check_feasible(items, model.scorer, opts.edge_silence)
     report_dir = opts.corpus / "durations"
     align_file = report_dir / ALIGNMENTS_FILE
     todo = [it for it in items if opts.overwrite or not it.out.is_file()]
@@ -462,7 +522,7 @@ def export_corpus(opts: ExportOptions) -> dict:
     refining = opts.refine and bool(todo)
     need_all = refining or (reference is not None and bool(todo))  # the refiner learns from every row, even those
     # already written; rows longer than long_row_s are aligned in pieces (joined again before writing)
-    first, pieces = long_rows.split(items if need_all else todo, run, opts.long_rows, device) \
+    first, pieces = long_rows.split(items if need_all else todo, model.scorer, opts.long_rows) \
         if opts.long_row_s > 0 else (items if need_all else todo, {})
     collect = need_all or bool(pieces)  # every row's first pass before writing any
     labelled = {}
@@ -472,7 +532,7 @@ def export_corpus(opts: ExportOptions) -> dict:
             raise UserError(f"{opts.labelled}: none of its {len(reference)} row(s) is in {opts.corpus}'s metadata; "
                             f"name them by rel_path (e.g. {first[0].rel if first else 'voice/utt'})")
     plots_left = opts.plots if shard.main else 0
-    first_pass = FirstPass(run.modules, run.hparams, opts, device, precision)
+    first_pass = FirstPass(model.scorer, opts, precision)
     batches = first_pass.batches(first)
     bar = tqdm(total=len(first), desc="export" if not collect else "first pass", unit="utt",
                disable=not (opts.progress and shard.main))
@@ -504,7 +564,7 @@ def export_corpus(opts: ExportOptions) -> dict:
             passed[i] = a
             in_batch_order.append(a)
     timing["first_pass_s"] = round(time.time() - t0, 2)
-    refine_stats = _refine(passed, run.vocab, device, opts, labelled, timing, shard) if refining else None
+    refine_stats = _refine(passed, model.vocab, device, opts, labelled, timing, shard) if refining else None
     if not shard.main:
         return {}
     if not streaming and not collect:  # torchrun without refinement: rank 0 writes every row, in the plan's order
@@ -524,7 +584,8 @@ def export_corpus(opts: ExportOptions) -> dict:
         audio_s += _write_all([a for a in passed if a.item.rel in todo_rels], opts, align_file, results, failures)
         timing["write_s"] = round(time.time() - t, 2)
     report = {
-        "corpus": str(opts.corpus), "model_dir": str(opts.model_dir), "checkpoint": str(run.checkpoint),
+        "corpus": str(opts.corpus), "model_dir": None if opts.styletts2_asr else str(opts.model_dir),
+        "checkpoint": str(model.checkpoint), "model_family": model.family,
         "made_by": provenance(), "options": opts.as_record(), "phonemes": {k: str(v) if isinstance(v, Path) else v
                                                                             for k, v in src.items()},
         "device": device, "precision": precision, "scores": opts.scores, "format": opts.format,

@@ -172,6 +172,10 @@ def load_lora_run(model_dir: Path, hparams, ckpter, ckpt) -> None:
     model = hparams["model"]
     model.load_state_dict(torch.load(base / "model.ckpt", map_location="cpu", weights_only=True))
     adapted = add_lora(model, info["lora_r"], info["lora_alpha"], info["lora_dropout"], info.get("lora_conv", False))
+    if hparams.get("model_family") == "styletts2":  # the rows of added symbols trained beside the adapters
+        from common.styletts2 import train_new_rows
+
+        train_new_rows(model, hparams["styletts2"].n_base)
     load_lora_state(adapted, ckpt.paramfiles["lora"])
     del ckpter.recoverables["model"]
     ckpter.load_checkpoint(ckpt)
@@ -210,34 +214,46 @@ class FineTuning:
     def lora(self) -> bool:
         return self.adapted is not None
 
-    def check_reload(self, hparams, wavs: torch.Tensor, wav_lens: torch.Tensor) -> dict:
+    def check_reload(self, hparams, wavs: torch.Tensor, wav_lens: torch.Tensor, ctc_fn=None) -> dict:
         """Reload the saved run with ``load_for_inference`` and compare its CTC log-probs with the in-memory model
         (the best checkpoint loaded) on ``wavs``; also how much the frozen base and the adapters moved from their
-        starting values. The result is added to ``info``."""
+        starting values. The result is added to ``info``. ``ctc_fn(modules, hparams, wavs, wav_lens)``: the CTC
+        log-probs of another model family (default: our recognizer's)."""
         from common import model as M
 
+        if ctc_fn is None:
+            def ctc_fn(mods, hp, w, lens):
+                return M.ctc_log_probs(mods, hp, M.encode(mods, M.compute_feats(mods, hp, w, lens), lens))
         mods = dict(hparams["modules"].items())
         was = {k: m.training for k, m in mods.items()}
         with torch.no_grad():
             for m in mods.values():
                 m.eval()
-            ref = M.ctc_log_probs(mods, hparams, M.encode(mods, M.compute_feats(mods, hparams, wavs, wav_lens),
-                                                          wav_lens))
+            ref = ctc_fn(mods, hparams, wavs, wav_lens)
             for k, m in mods.items():
                 m.train(was[k])
             re_mods, re_hp, _ = M.load_for_inference(hparams["output_folder"])
-            got = M.ctc_log_probs(re_mods, re_hp,
-                                  M.encode(re_mods, M.compute_feats(re_mods, re_hp, wavs, wav_lens), wav_lens))
+            got = ctc_fn(re_mods, re_hp, wavs, wav_lens)
         diff = float((ref - got).abs().max())
         ok = bool(torch.allclose(got, ref, atol=1e-5, rtol=1e-6))  # merging re-rounds: a few ulps at log p ~ -20
         now = {k: v.detach() for k, v in self.adapted.state_dict(keep_vars=True).items()}
-        moved = {k: float((now[k] - v).abs().max()) for k, v in self.start.items()}
+        new_rows = set(self.info.get("trained_new_rows") or [])  # StyleTTS2: rows of added symbols, trained too
+        moved = {k: float((now[k] - v).abs().max()) for k, v in self.start.items()
+                 if k.split("adapted_model.", 1)[-1] not in new_rows}
         (logger.info if ok else logger.warning)(
             f"LoRA reload check: max |CTC log-prob difference| saved vs in-memory = {diff:.2e}{'' if ok else ' (!)'}")
         self.info.update(reload_max_abs_diff=diff, reload_ok=ok,
                          base_max_abs_change=max((v for k, v in moved.items() if "adapter_" not in k), default=0.0),
                          adapter_max_abs_change=max((v for k, v in moved.items() if "adapter_" in k), default=0.0))
         return self.info
+
+
+def _save_state(model: nn.Module, path: Path) -> None:
+    from common.io import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)
 
 
 def check_finetune_args(hparams, vocab: Vocab):
@@ -247,6 +263,10 @@ def check_finetune_args(hparams, vocab: Vocab):
         raise UserError(f"--peft must be none or lora, got {hparams['peft']!r}")
     if peft == "lora" and not hparams["pretrained_path"]:
         raise UserError("--peft lora adapts a trained model: give it with --pretrained_path (an earlier output_folder)")
+    if hparams.get("model_family") == "styletts2":  # a StyleTTS2 ASR checkpoint (epoch_00080.pth)
+        from common import styletts2
+
+        return styletts2.check_pretrained(hparams)
     if not hparams["pretrained_path"]:
         return None
     ckpt = find_pretrained_checkpoint(hparams["pretrained_path"])
@@ -262,7 +282,18 @@ def setup_finetune(hparams, ckpt, run_on_main) -> FineTuning:
 
     peft = str(hparams["peft"] or "none").lower()
     info = {"peft": peft, "pretrained_path": hparams["pretrained_path"], "base_checkpoint": None}
-    if ckpt is not None:
+    styletts2 = hparams.get("model_family") == "styletts2"
+    if styletts2:  # its checkpoint, with rows for the symbols it lacks; LoRA's base: that model, in the run folder
+        from common import styletts2 as S
+
+        S.load_pretrained(hparams, ckpt)
+        info.update(base_checkpoint=str(ckpt), added_symbols=hparams["styletts2"].added)
+        if peft == "lora":
+            base = Path(hparams["output_folder"]) / "pretrained"
+            run_on_main(_save_state, args=[hparams["model"], base / "model.ckpt"])
+            info["base_checkpoint"] = str(base.resolve())
+        logger.info(f"initialised the model from {ckpt} ({len(info['added_symbols'])} symbols added)")
+    elif ckpt is not None:
         loadables = {"model": hparams["model"], "normalize": hparams["normalize"]}
         paths = {k: str(ckpt / f"{k}.ckpt") for k in loadables if (ckpt / f"{k}.ckpt").is_file()}
         pretrainer = Pretrainer(collect_in=Path(hparams["output_folder"]) / "pretrained",
@@ -275,13 +306,16 @@ def setup_finetune(hparams, ckpt, run_on_main) -> FineTuning:
         return FineTuning(info)
     adapted = add_lora(hparams["model"], hparams["lora_r"], hparams["lora_alpha"], hparams["lora_dropout"],
                        hparams["lora_conv"])
-    hparams["normalize"].update_until_epoch = 0  # the base model's feature statistics stay as they were
+    if "normalize" in hparams:
+        hparams["normalize"].update_until_epoch = 0  # the base model's feature statistics stay as they were
+    new_rows = S.train_new_rows(hparams["model"], hparams["styletts2"].n_base) if styletts2 else []
     ckpter = hparams["checkpointer"]
     del ckpter.recoverables["model"]
     ckpter.add_recoverable("lora", adapted)
     if hparams["save_full_model"]:
         ckpter.add_recoverable("model", MergedLoRAModel(adapted))
-    names = {str(i): k for i, m in enumerate(hparams["model"]) for k, v in hparams["modules"].items() if v is m}
+    names = {str(i): k for i, m in enumerate(hparams["model"]) for k, v in hparams["modules"].items() if v is m} \
+        if isinstance(hparams["model"], nn.ModuleList) else {}
     layers = [".".join([names.get(n.split(".")[0], n.split(".")[0])] + n.split(".")[1:])
               for n in adapted.replace_layers]
     n_train = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
@@ -289,7 +323,7 @@ def setup_finetune(hparams, ckpt, run_on_main) -> FineTuning:
     info.update(lora_r=int(hparams["lora_r"]), lora_alpha=float(hparams["lora_alpha"]),
                 lora_dropout=float(hparams["lora_dropout"]), lora_conv=bool(hparams["lora_conv"]),
                 lora_layers=layers, save_full_model=bool(hparams["save_full_model"]),
-                trainable_params=n_train, total_params=n_all)
+                trainable_params=n_train, total_params=n_all, **({"trained_new_rows": new_rows} if styletts2 else {}))
     logger.info(f"LoRA r={info['lora_r']} alpha={info['lora_alpha']} dropout={info['lora_dropout']} on "
                 f"{len(layers)} layers: {', '.join(layers)}; {n_train} of {n_all} parameters trainable; saving "
                 f"{'merged full weights + adapters' if info['save_full_model'] else 'adapters only'}")

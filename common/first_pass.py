@@ -42,14 +42,17 @@ def alignment_units(tokens: list[str], edge_silence: bool = True) -> tuple[list[
 
 
 def score_matrix(ctc_logp: torch.Tensor, attn: torch.Tensor | None, ids: list[int], lead: bool, trail: bool,
-                 kind: str, ctc_weight: float, blank_id: int = 0) -> torch.Tensor:
-    """[U', T] scores of one utterance. ``ctc_logp`` [T, V]; ``attn`` [>=U, T] (rows beyond U ignored)."""
+                 kind: str, ctc_weight: float, blank_id: int = 0, attn_edges: bool = False) -> torch.Tensor:
+    """[U', T] scores of one utterance. ``ctc_logp`` [T, V]; ``attn`` [>=U, T] (rows beyond U ignored), or with
+    ``attn_edges`` [U+2, T]: rows for the two edge tokens around the U tokens (StyleTTS2's ``0 ... 0``), which then
+    score the edge silence slots too (with the CTC blank in ``joint``)."""
     idx = torch.as_tensor(ids, dtype=torch.long, device=ctc_logp.device)
     rows = []
     if kind in ("ctc", "joint"):
         ctc = ctc_logp[:, idx].t()
     if kind in ("attention", "joint"):
-        att = torch.log(attn[: len(ids)].float().clamp_min(1e-8))
+        log_attn = torch.log(attn.float().clamp_min(1e-8))
+        att = log_attn[1: len(ids) + 1] if attn_edges else log_attn[: len(ids)]
     if kind == "ctc":
         tok = ctc
     elif kind == "attention":
@@ -59,40 +62,49 @@ def score_matrix(ctc_logp: torch.Tensor, attn: torch.Tensor | None, ids: list[in
     else:
         raise ValueError(f"scores must be one of {SCORE_KINDS}, got {kind!r}")
     blank = ctc_logp[:, blank_id][None, :]
+    edges = (blank, blank)
+    if attn_edges and kind != "ctc":
+        first, last = log_attn[0][None, :], log_attn[len(ids) + 1][None, :]
+        edges = (first, last) if kind == "attention" else \
+            (ctc_weight * blank + (1.0 - ctc_weight) * first, ctc_weight * blank + (1.0 - ctc_weight) * last)
     if lead:
-        rows.append(blank)
+        rows.append(edges[0])
     rows.append(tok)
     if trail:
-        rows.append(blank)
+        rows.append(edges[1])
     return torch.cat(rows, 0).float().clamp_min(LOG_FLOOR)
 
 
-def ctc_emissions(ctc_logp: torch.Tensor, ids: list[int], blank_id: int = 0) -> list[tuple[int, int]] | None:
-    """Frames [start, end) where CTC forced alignment emits each token, or None when it cannot align."""
+def ctc_emissions(ctc_logp: torch.Tensor, ids: list[int], blank_id: int = 0) -> list[tuple[int, int] | None] | None:
+    """Frames [start, end) where CTC forced alignment emits each token, or None when it cannot align. A token whose
+    id is the blank (AuxiliaryASR-trained models: the word space) is not a CTC label: it gets no span (None)."""
     import torchaudio.functional as taf
 
-    if not ids:
+    labels = [i for i in ids if i != blank_id]
+    if not labels:
         return None
     try:
         lp = ctc_logp.detach().float().cpu()[None]
-        ali = taf.forced_align(lp, torch.as_tensor([ids], dtype=torch.int32), blank=blank_id)[0][0].numpy()
+        ali = taf.forced_align(lp, torch.as_tensor([labels], dtype=torch.int32), blank=blank_id)[0][0].numpy()
     except (RuntimeError, ValueError):  # infeasible (too few frames for the repeats)
         return None
     # runs of one non-blank label (torchaudio's merge_tokens, without a Python object per frame)
     new = np.flatnonzero(np.diff(ali, prepend=-1) != 0)
     ends = np.append(new[1:], len(ali))
     keep = ali[new] != blank_id
-    if int(keep.sum()) != len(ids):
+    if int(keep.sum()) != len(labels):
         return None
-    return list(zip(new[keep].tolist(), ends[keep].tolist()))
+    spans = iter(zip(new[keep].tolist(), ends[keep].tolist()))
+    return [None if i == blank_id else next(spans) for i in ids]
 
 
 def anchor(score: torch.Tensor, spans: list[tuple[int, int]], lead: bool) -> torch.Tensor:
     """Forbid every other row at each token's CTC-emission frames."""
     off = 1 if lead else 0
     owner = torch.full((score.shape[1],), -1, dtype=torch.long)  # the row whose emission each frame is, or -1
-    for k, (a, b) in enumerate(spans):
-        owner[a:b] = k + off
+    for k, span in enumerate(spans):
+        if span is not None:
+            owner[span[0]:span[1]] = k + off
     owner = owner.to(score.device)
     rows = torch.arange(score.shape[0], device=score.device)[:, None]
     return score.masked_fill((owner[None, :] >= 0) & (rows != owner[None, :]), FORBID)
@@ -100,7 +112,8 @@ def anchor(score: torch.Tensor, spans: list[tuple[int, int]], lead: bool) -> tor
 
 def token_confidence(ctc_logp: torch.Tensor, ids: list[int], frames: np.ndarray, lead: bool,
                      blank_id: int = 0) -> np.ndarray:
-    """Per-token confidence: mean over its frames of p(token | frame, not blank) (1 = certain)."""
+    """Per-token confidence: mean over its frames of p(token | frame, not blank) (1 = certain); a token whose id is
+    the blank (AuxiliaryASR's word space): of p(blank | frame)."""
     off = 1 if lead else 0
     frames = np.asarray(frames, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(frames)[:-1]])[off: off + len(ids)]
@@ -112,5 +125,8 @@ def token_confidence(ctc_logp: torch.Tensor, ids: list[int], frames: np.ndarray,
     frame_idx = np.repeat(starts, n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))
     tok_idx = np.repeat(np.asarray(ids, dtype=np.int64), n)
     p = np.exp(nb.numpy()[frame_idx, tok_idx] - lse[frame_idx])
+    is_blank = tok_idx == blank_id
+    if is_blank.any():
+        p[is_blank] = np.exp(ctc_logp.detach().float().cpu().numpy()[frame_idx[is_blank], blank_id])
     sums = np.bincount(np.repeat(np.arange(len(ids)), n), weights=p, minlength=len(ids))
     return np.where(n > 0, sums / np.maximum(n, 1), 0.0)

@@ -34,25 +34,20 @@ class LongRowConfig:
 
 
 @torch.inference_mode()
-def windowed_ctc_logp(modules, hparams, wav: torch.Tensor, device: str, window_s: float,
-                      context_s: float) -> torch.Tensor:
-    """CTC log-posteriors [T, V] of a 1-D waveform at the model's rate, computed window by window."""
-    from common.model import compute_feats, ctc_log_probs, encode, feature_hop_samples
-
-    hop = feature_hop_samples(hparams)
-    n_frames = F.num_feature_frames(len(wav), hop)
-    win, ctx = max(1, int(window_s * 1000 / float(hparams["hop_length"]))), int(context_s * 1000 /
-                                                                             float(hparams["hop_length"]))
+def windowed_ctc_logp(scorer, wav: torch.Tensor, window_s: float, context_s: float) -> torch.Tensor:
+    """CTC log-posteriors [T, V] of a 1-D waveform at ``scorer.sample_rate``, computed window by window (``scorer``:
+    the export's model interface, common/export.py)."""
+    hop = int(round(scorer.sample_rate * scorer.hop_s))
+    n_frames = scorer.num_frames(len(wav))
+    win, ctx = max(1, int(round(window_s / scorer.hop_s))), int(round(context_s / scorer.hop_s))
     parts = []
     for a in range(0, n_frames, win):
         b = min(a + win, n_frames)
         lo, hi = max(0, a - ctx), min(n_frames, b + ctx)
-        x = wav[lo * hop: hi * hop].to(device)[None]
-        lens = torch.ones(1, device=device)
-        lp = ctc_log_probs(modules, hparams, encode(modules, compute_feats(modules, hparams, x, lens), lens))[0]
-        parts.append(lp[a - lo: a - lo + (b - a)].float().cpu())
+        lp, _, _ = scorer.scores(wav[lo * hop: hi * hop][None], torch.ones(1), [[]], False, False)
+        parts.append(lp[0, a - lo: a - lo + (b - a)].float().cpu())
     out = torch.cat(parts)
-    if out.shape[0] < n_frames:  # the last window's own frame count can fall one short
+    if out.shape[0] < n_frames:  # a window's own frame count can fall a frame short
         out = torch.cat([out, out[-1:].expand(n_frames - out.shape[0], -1)])
     return out[:n_frames]
 
@@ -149,23 +144,21 @@ class Piece:
     start_s: float
 
 
-def split(items: list, run, cfg: LongRowConfig, device: str) -> tuple[list, dict[str, list[Piece]]]:
+def split(items: list, scorer, cfg: LongRowConfig) -> tuple[list, dict[str, list[Piece]]]:
     """Replace each row longer than ``cfg.long_row_s`` by its pieces (``Item``s with an audio ``span``); returns
     (the rows to align, {rel: pieces} for ``join``). A row whose CTC path anchors no cut stays whole."""
     from common.audio import load_audio
 
     out, plan = [], {}
-    sr_model = int(run.hparams["sample_rate"])
-    hop_s = float(run.hparams["hop_length"]) / 1000.0
     for it in items:
         if it.duration_s <= cfg.long_row_s:
             out.append(it)
             continue
-        wav = load_audio(it.wav, sr_model)[0]
-        ids_hyp, starts, ends = best_path_runs(windowed_ctc_logp(run.modules, run.hparams, wav, device,
-                                                                 cfg.window_s, cfg.context_s))
+        wav = load_audio(it.wav, scorer.sample_rate)[0]
+        ids_hyp, starts, ends = best_path_runs(windowed_ctc_logp(scorer, wav, cfg.window_s, cfg.context_s),
+                                               scorer.blank_id)
         anchors = {i: (int(starts[j]), int(ends[j])) for i, j in match_tokens(it.ids, ids_hyp)}
-        cuts = cut_after(it.tokens, anchors, hop_s, cfg.piece_s, it.duration_s)
+        cuts = cut_after(it.tokens, anchors, scorer.hop_s, cfg.piece_s, it.duration_s)
         if not cuts:
             out.append(it)
             continue

@@ -23,6 +23,7 @@ Inference API (used by export / decode scripts)::
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -291,11 +292,13 @@ def load_run(model_dir, device: str = "cpu", min_key: str = "PER", overrides: di
     vocab = Vocab.load(tok_file)
     # the saved yaml holds the original paths with every reference resolved (the manifests' tokens.txt among them):
     # the run folder's own files decide
+    text = hp_file.read_text(encoding="utf-8")
     ov = {"tokens_file": str(tok_file), "output_folder": str(model_dir), "noise_csv": None,
-          "data_folder": str(model_dir), "output_neurons": len(vocab)}
+          "data_folder": str(model_dir)}
+    if re.search(r"^output_neurons:", text, re.M):  # the recognizer's yaml (a StyleTTS2 run's has its own table)
+        ov["output_neurons"] = len(vocab)
     ov.update(overrides or {})
-    with open(hp_file, encoding="utf-8") as fh:
-        hparams = load_hyperpyyaml(fh, ov)
+    hparams = load_hyperpyyaml(text, ov)
     ckpter = hparams["checkpointer"]
     ckpter.checkpoints_dir = model_dir / "save"  # the saved yaml holds absolute paths of the original run folder
     ckpt = ckpter.find_checkpoint(min_key=min_key) if min_key else None

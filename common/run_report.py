@@ -107,6 +107,18 @@ def _scalar_hparams(hparams) -> dict:
             and not k.startswith("__")}
 
 
+def _architecture(hparams, nparams: int) -> dict:
+    if hparams.get("model_family") == "styletts2":
+        from common.styletts2 import architecture
+
+        return {**architecture(hparams), "n_params": nparams}
+    return {"features": f"Fbank {hparams['n_mels']} mel, hop {hparams['hop_length']} ms, "
+                        f"win {hparams['win_length']} ms, {hparams['sample_rate']} Hz, global CMVN",
+            "encoder": type(hparams["enc"]).__name__, "frame_shift_ms": hparams["hop_length"],
+            "ctc_blank_id": hparams["blank_index"], "bos_id": hparams["bos_index"],
+            "eos_id": hparams["eos_index"], "decoder": "AttentionalRNNDecoder (location)", "n_params": nparams}
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # metrics.json, model_card.json, the CSV row
 # --------------------------------------------------------------------------------------------------------------------
@@ -149,12 +161,7 @@ def write_reports(brain, hparams, counts: Counter, vocab, run_id: str, runtime_s
     write_json(out / "metrics.json", metrics)
     card = {
         "task": TASK, "model": hparams["model_name"], "run_id": run_id,
-        "architecture": {"features": f"Fbank {hparams['n_mels']} mel, hop {hparams['hop_length']} ms, "
-                                     f"win {hparams['win_length']} ms, {hparams['sample_rate']} Hz, global CMVN",
-                         "encoder": type(hparams["enc"]).__name__, "frame_shift_ms": hparams["hop_length"],
-                         "ctc_blank_id": hparams["blank_index"], "bos_id": hparams["bos_index"],
-                         "eos_id": hparams["eos_index"], "decoder": "AttentionalRNNDecoder (location)",
-                         "n_params": nparams},
+        "architecture": _architecture(hparams, nparams),
         "data": {"data_folder": str(hparams["data_folder"]), "train_csv": str(hparams["train_csv"]),
                  "valid_csv": str(hparams["valid_csv"]), "test_csv": None if hparams["skip_test"] else
                  str(hparams["test_csv"]), **dict(counts)},

@@ -168,6 +168,10 @@ def main(argv=None) -> int:
     if not model_dir.is_dir():
         raise UserError(f"model folder {model_dir} not found; train first (recipes/train.py) or pass --model_dir")
     modules, hparams, vocab = M.load_for_inference(model_dir, a.device)
+    if hparams.get("model_family") == "styletts2":
+        raise UserError(f"{model_dir} is a fine-tuned StyleTTS2 ASR: decode.py decodes our recognizer; its valid/test "
+                        f"CTC greedy PER is in {model_dir / 'metrics.json'}, and align/export_durations.py --model_dir "
+                        f"aligns with it")
     lm_order = a.lm_order if a.lm_order is not None else int(hparams["lm_order"])
     if lm_order not in (1, 2, 3):
         raise UserError(f"--lm_order must be 1, 2 or 3, got {lm_order}")

@@ -37,13 +37,14 @@ from speechbrain.utils.logger import get_logger  # noqa: E402
 
 from common import model as M  # noqa: E402
 from common import run_folder  # noqa: E402
+from common import styletts2 as S  # noqa: E402
 from common.audio import load_audio  # noqa: E402
 from common.batching import device_overrides  # noqa: E402
 from common.checkpoint import average_last_checkpoints  # noqa: E402
 from common.ddp import LocalBatchNormDDP, close_process_group, gloo_without_cuda, world_size  # noqa: E402
 from common.finetune import check_finetune_args, setup_finetune  # noqa: E402
 from common.frames import num_feature_frames  # noqa: E402
-from common.io import UserError, cli, read_manifest  # noqa: E402
+from common.io import UserError, cli, read_manifest, write_json  # noqa: E402
 from common.nonfinite import SkipNonFiniteBatches  # noqa: E402
 from common.run_report import check_metrics_csv, write_reports  # noqa: E402
 from common.schedules import TrainClock, batch_lr  # noqa: E402
@@ -224,6 +225,41 @@ class PhonemeBrain(SkipNonFiniteBatches, LocalBatchNormDDP, sb.Brain):
                     self.beam_metrics.write_stats(w)
 
 
+class StyleTTS2Brain(PhonemeBrain):
+    """StyleTTS2's text aligner (``hparams/styletts2_asr.yaml``, ``common/styletts2.py``) fine-tuned by this recipe:
+    only the forward pass and the losses differ, those of its own training (AuxiliaryASR: CTC + decoder
+    cross-entropy; StyleTTS2's train_first.py: the monotonic attention loss). Batches: ``tokens`` = CTC targets,
+    ``tokens_bos`` = its text input ``[0, ids..., 0]``."""
+
+    def compute_forward(self, batch, stage):
+        batch = batch.to(self.device)
+        text, text_lens = batch.tokens_bos
+        return S.train_forward(self.modules.asr, *batch.sig, text, M.abs_lengths(text_lens, text.shape[1]))
+
+    def compute_objectives(self, out, batch, stage):
+        hp = self.hparams
+        tokens, tok_lens = batch.tokens
+        T = out["ctc_logit"].shape[1]
+        p_ctc, frame_lens = torch.log_softmax(out["ctc_logit"].float(), -1), out["frame_lens"].float() / T
+        loss_ctc, loss_seq = hp.ctc_cost(p_ctc, tokens, frame_lens, tok_lens), S.seq_loss(out)
+        loss_mono = S.mono_loss(out) if hp.mono_weight > 0 else torch.zeros((), device=p_ctc.device)
+        loss = hp.ctc_weight * loss_ctc + hp.s2s_weight * loss_seq + hp.mono_weight * loss_mono
+        if torch.isfinite(loss):
+            self.parts.update(ctc=float(loss_ctc.detach()), seq=float(loss_seq.detach()),
+                              guided=float(loss_mono.detach()), n=1, n_dec=1)
+        if stage != sb.Stage.TRAIN:
+            self.ctc_metrics.append(batch.id, p_ctc, tokens, frame_lens, tok_lens)
+            from speechbrain.decoders import ctc_greedy_decode
+
+            hyps = ctc_greedy_decode(p_ctc, frame_lens, blank_id=hp.blank_index)
+            self.per_metrics.append(batch.id, hyps, tokens, target_len=tok_lens, ind2lab=self.ids_to_tokens)
+        return loss
+
+    def ids_to_tokens(self, seqs):
+        tokens = self.hparams.styletts2.vocab().tokens
+        return [[tokens[int(i)] for i in s] for s in seqs]
+
+
 def _rows(hparams, split: str, vocab: Vocab, counts: Counter) -> dict:
     """Manifest rows -> {ID: item}; unknown token = UserError naming the row; CTC-infeasible rows skipped+counted."""
     path = hparams[f"{split}_csv"]
@@ -238,6 +274,7 @@ def _rows(hparams, split: str, vocab: Vocab, counts: Counter) -> dict:
         rows = rows[: int(hparams["validation_samples"])]
     speed = max(hparams["speeds"]) / 100 if split == "train" and hparams["speed_perturb"] else 1.0
     hop = M.feature_hop_samples(hparams)
+    styletts2 = hparams.get("model_family") == "styletts2"
     data = {}
     for n, r in enumerate(rows, 2):  # line 1 is the header
         where = f"{path}:{n} (ID {r['ID']})"
@@ -251,10 +288,14 @@ def _rows(hparams, split: str, vocab: Vocab, counts: Counter) -> dict:
         if not ids:
             counts[f"{split}_empty_phn"] += 1
             continue
-        frames = num_feature_frames(int(dur * hparams["sample_rate"] / speed), hop)
-        if frames < M.ctc_min_frames(ids):
+        samples = int(dur * hparams["sample_rate"] / speed)
+        frames = S.num_frames(samples) if styletts2 else num_feature_frames(samples, hop)
+        need = M.ctc_min_frames(S.ctc_targets(ids, hparams["blank_index"]) if styletts2 else ids)
+        if styletts2:  # its monotonic loss aligns every token of [0, ids..., 0] to a frame of its own
+            need = max(need, len(ids) + 2)
+        if frames < need:
             counts[f"{split}_ctc_infeasible"] += 1
-            logger.warning(f"{where}: {frames} frames < {M.ctc_min_frames(ids)} needed by CTC; skipped")
+            logger.warning(f"{where}: {frames} frames < {need} needed by CTC; skipped")
             continue
         wav = r["wav"].replace("$data_root", str(hparams["data_folder"]))
         data[r["ID"]] = {"wav": wav, "duration": dur, "token_ids": ids, "language": r.get("language", "")}
@@ -289,9 +330,18 @@ def dataio_prepare(hparams, vocab: Vocab):
         yield torch.LongTensor([BOS_ID] + ids)
         yield torch.LongTensor(ids + [EOS_ID])
 
+    @sb.utils.data_pipeline.takes("token_ids")
+    @sb.utils.data_pipeline.provides("tokens", "tokens_bos", "tokens_eos")
+    def styletts2_token_pipeline(ids):  # CTC targets; StyleTTS2's text input [0, ids..., 0] (also the s2s targets)
+        yield torch.LongTensor(S.ctc_targets(ids, hparams["blank_index"]))
+        text = torch.LongTensor([S.PAD_ID] + ids + [S.PAD_ID])
+        yield text
+        yield text
+
     dsets = list(datasets.values())
     sb.dataio.dataset.add_dynamic_item(dsets, audio_pipeline)
-    sb.dataio.dataset.add_dynamic_item(dsets, token_pipeline)
+    sb.dataio.dataset.add_dynamic_item(
+        dsets, styletts2_token_pipeline if hparams.get("model_family") == "styletts2" else token_pipeline)
     sb.dataio.dataset.set_output_keys(dsets, ["id", "sig", "tokens", "tokens_bos", "tokens_eos"])
     for s in ("valid", "test"):
         if s in datasets:
@@ -315,16 +365,18 @@ def load_hparams(hparams_file, overrides):
 def main(argv=None) -> int:
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:] if argv is None else argv)
     hparams = load_hparams(hparams_file, overrides)
-    vocab = Vocab.load(hparams["tokens_file"])
+    styletts2 = hparams.get("model_family") == "styletts2"
     # settings derived here become overrides, so the run folder's hyperparams.yaml holds plain values (its saved copy
     # resolves every reference: an !apply over the manifests' tokens.txt would tie the run to the manifests):
     # the vocabulary size, and the batch for this device (common/batching.py: bigger batches and a scaled lr on CUDA)
     given = (ruamel.yaml.YAML(typ="safe").load(overrides) if overrides else None) or {}
-    extra = device_overrides(hparams, run_opts["device"] or infer_device(), given,
-                             sum(float(r["duration"]) for r in read_manifest(hparams["train_csv"])))
+    device = str(run_opts["device"] or infer_device())
+    extra = device_overrides(hparams, device, given, sum(float(r["duration"]) for r in read_manifest(
+        hparams["train_csv"])) if device.startswith("cuda") else 0.0)
     if extra:
         logger.info(f"batch for this device: {extra}")
-    extra.setdefault("output_neurons", given.get("output_neurons", len(vocab)))
+    if not styletts2:
+        extra.setdefault("output_neurons", given.get("output_neurons", len(Vocab.load(hparams["tokens_file"]))))
     stream = io.StringIO()
     ruamel.yaml.YAML(typ="safe").dump({**given, **extra}, stream)
     overrides = stream.getvalue()
@@ -334,12 +386,21 @@ def main(argv=None) -> int:
     check_metrics_csv(hparams["metrics_csv"])
     if int(hparams["num_threads"]) > 0:
         torch.set_num_threads(int(hparams["num_threads"]))
-    if hparams["output_neurons"] != len(vocab):
-        raise UserError(f"output_neurons={hparams['output_neurons']} but {hparams['tokens_file']} has {len(vocab)}")
+    if styletts2:  # StyleTTS2's symbol table + the corpus' new symbols (common/styletts2.py)
+        vocab = hparams["styletts2"].vocab()
+        if hparams["save_styletts2"] and Path(hparams["save_styletts2"]).is_dir():
+            raise UserError(f"--save_styletts2 {hparams['save_styletts2']} is a folder; give the .pth file to write")
+    else:
+        vocab = Vocab.load(hparams["tokens_file"])
+        if hparams["output_neurons"] != len(vocab):
+            raise UserError(f"output_neurons={hparams['output_neurons']} but {hparams['tokens_file']} has "
+                            f"{len(vocab)}")
     run_opts = gloo_without_cuda(run_opts)
     pretrained_ckpt = check_finetune_args(hparams, vocab)
     sb.utils.distributed.ddp_init_group(run_opts)
     run_on_main(run_folder.prepare, args=[hparams_file, overrides, hparams])
+    if styletts2:  # the vocabulary mapping, with the run (the export and the write-back read it)
+        run_on_main(write_json, args=[Path(hparams["output_folder"]) / S.RUN_FILE, hparams["styletts2"].record()])
     finetune = setup_finetune(hparams, pretrained_ckpt, run_on_main)
     run_id = hparams["run_id"] or datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
 
@@ -354,8 +415,9 @@ def main(argv=None) -> int:
         train_opts = {"batch_sampler": sampler, "num_workers": int(hparams["num_workers"])}
     else:
         train_opts = hparams["train_dataloader_opts"]
-    brain = PhonemeBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
-                         run_opts=run_opts, checkpointer=hparams["checkpointer"])
+    brain_class = StyleTTS2Brain if styletts2 else PhonemeBrain
+    brain = brain_class(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
+                        run_opts=run_opts, checkpointer=hparams["checkpointer"])
 
     t0 = time.time()
     brain.fit(hparams["epoch_counter"], datasets["train"], datasets["valid"], train_loader_kwargs=train_opts,
@@ -372,13 +434,17 @@ def main(argv=None) -> int:
     if finetune.lora:
         brain.checkpointer.recover_if_possible(min_key="PER")  # the in-memory model = the checkpoint saved as best
         valid = datasets["valid"]
-        finetune.check_reload(hparams, *M.batch_wavs([valid[i]["sig"] for i in range(min(3, len(valid)))]))
+        finetune.check_reload(hparams, *M.batch_wavs([valid[i]["sig"] for i in range(min(3, len(valid)))]),
+                              ctc_fn=S.ctc_log_probs if styletts2 else None)
     if not if_main_process():
         ddp_barrier()
         return 0
     languages = [d["language"] for d in datasets["train"].data.values() if d.get("language")]
     metrics = write_reports(brain, hparams, counts, vocab, run_id, time.time() - t0, brain.resumed_epoch,
                             finetune.info, languages, world_size())
+    if styletts2 and hparams["save_styletts2"]:
+        out = S.write_back(hparams["output_folder"], hparams["save_styletts2"], epochs=metrics["epochs"])
+        logger.info(f"wrote {out} (+ {out.parent / S.CONFIG_FILE}) in StyleTTS2's format")
     ddp_barrier()
     msg = f"best valid PER {metrics['best_valid_PER']:.2f}%" if metrics["best_valid_PER"] is not None else ""
     if metrics["test_PER"] is not None:

@@ -25,6 +25,18 @@ OVERFIT = dict(overfit_one_batch=True, overfit_batch_size=OVERFIT_UTTS, overfit_
                lr_annealing_factor=1.0, skip_test=True)
 
 
+STYLETTS2_FIXTURE_ENV = "STYLETTS2_FIXTURE_DIR"
+
+
+def styletts2_fixture() -> Path | None:
+    """The StyleTTS2 ASR fixture folder (a checkpoint in StyleTTS2's format + reference outputs of its code): CI
+    clones the repository with ``../shared`` beside it; elsewhere ``$STYLETTS2_FIXTURE_DIR``; None when absent."""
+    for d in (ROOT.parent / "shared" / "fixtures" / "styletts2_asr", os.environ.get(STYLETTS2_FIXTURE_ENV)):
+        if d and (Path(d) / "epoch_00080.pth").is_file():
+            return Path(d)
+    return None
+
+
 def have_festival() -> bool:
     return shutil.which("festival") is not None
 
