@@ -114,6 +114,12 @@ class ExportOptions:
     hmm_max_train_hours: float
     hmm_seed: int
     hmm_flat_start_max_s: float
+    hmm_flat_init: str
+    hmm_split_trailing_silence: bool
+    fusion: str
+    fusion_first_pass: float
+    final_cap: float
+    dump_members: bool
     long_row_s: float
     piece_s: float
     ctc_window_s: float
@@ -141,6 +147,9 @@ class ExportOptions:
             (self.hop_length > 0, f"--hop_length must be > 0, got {self.hop_length}"),
             (self.limit >= 0 and self.plots >= 0, "--limit and --plots must be >= 0"),
             (self.hmm_states >= 1, f"--hmm_states must be >= 1, got {self.hmm_states}"),
+            (self.fusion in ("mean", "median"), f"--fusion must be mean or median, got {self.fusion!r}"),
+            (self.hmm_flat_init in ("even", "vad"), f"--hmm_flat_init must be even or vad, got {self.hmm_flat_init!r}"),
+            (self.fusion_first_pass >= 0 and self.final_cap >= 0, "--fusion_first_pass and --final_cap must be >= 0"),
             (self.long_row_s <= 0 or 0 < self.piece_s <= self.long_row_s,
              f"--piece_s must be in (0, --long_row_s], got {self.piece_s} and {self.long_row_s}"),
             (self.styletts2_asr is not None or self.styletts2_config is None,
@@ -238,6 +247,7 @@ class Alignment:
     confidence: np.ndarray
     greedy_per: float
     refine_confidence: np.ndarray | None = None
+    members: dict | None = None  # --dump_members: each refinement member's unit end times, by name
 
     def unit_ends(self) -> np.ndarray:
         """End time (s) of each unit."""
@@ -619,20 +629,28 @@ def _refine(passed: list[Alignment], vocab, device: str, opts: ExportOptions, la
     stats. ``labelled[i]``: reference segments of row ``i``, whose boundaries become the refiner's training
     labels for that row."""
     from common.audio import load_audio
-    from common.refine import refine_boundaries
+    from common.refine import cap_final_phone, refine_boundaries
 
     cfg = opts.refiner
     first_ends = [a.unit_ends() for a in passed]
     log = (lambda m: print(m, flush=True)) if opts.progress and shard.main else None
     fixed = {i: calibration.pin_to_reference(passed[i].units, first_ends[i], ref, cfg.hop_ms / 1000.0)
              for i, ref in labelled.items()}
-    counts, hop_s, confs, stats = refine_boundaries(
+    index = getattr(vocab, "index", {})  # the units' silence classes: the edge slots' (blank) and pau's
+    hmm = dataclasses.replace(opts.hmm_aligner, silence_ids=(BLANK_ID, *sorted(index[t] for t in SILENCE_TOKENS
+                                                                               if t in index)))
+    ends, grid_s, confs, stats, members = refine_boundaries(
         lambda i: load_audio(passed[i].item.wav, cfg.sample_rate, passed[i].item.span)[0],
         [a.item.duration_s for a in passed],
-        [a.unit_ids() for a in passed], first_ends, len(vocab), cfg, opts.hmm_aligner, opts.hmm_weight,
-        opts.hmm_flat_start_schedule, device, log, fixed, timing, shard)
-    for a, c, rc in zip(passed, counts, confs):
-        a.frames, a.hop_s, a.refine_confidence = c, hop_s, rc
+        [a.unit_ids() for a in passed], first_ends, len(vocab), cfg, hmm, opts.hmm_weight,
+        opts.hmm_flat_start_schedule, device, log, fixed, timing, shard, opts.fusion, opts.fusion_first_pass)
+    if opts.final_cap > 0:
+        stats["final_capped"] = cap_final_phone([a.units for a in passed], ends, opts.final_cap, SILENCE_TOKENS)
+    for i, (a, e, rc) in enumerate(zip(passed, ends, confs)):
+        a.frames = F.ends_to_counts(e, int(round(a.item.duration_s / grid_s)), grid_s)
+        a.hop_s, a.refine_confidence = grid_s, rc
+        if opts.dump_members:
+            a.members = {k: v[i] for k, v in members.items() if v[i] is not None}
     return stats
 
 
@@ -685,6 +703,8 @@ def _write_one(a: Alignment, opts: ExportOptions, align_file: Path) -> dict:
     if a.greedy_per > opts.high_per:
         flags.append("high_per")
     extra = {}
+    if a.members:
+        extra["member_ends_s"] = {k: [round(float(x), 5) for x in v] for k, v in a.members.items()}
     if a.refine_confidence is not None:
         rc = a.refine_confidence[1 if a.lead else 0:][: len(it.ids)]
         extra["refine_confidence"] = [round(float(c), 4) for c in rc]

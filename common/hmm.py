@@ -18,6 +18,7 @@ that alignment, once from a flat start) and averages the three boundary sets (th
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -52,6 +53,11 @@ class HMMConfig:
     em_iters: int = 3
     sample_rate: int = 16000
     flat_start_max_s: float = 15.0  # a flat start runs on rows up to this long (the longer ones keep the others')
+    flat_init: str = "even"  # a flat start's first segmentation: "even" (every state an equal share: MFA's) or
+    # "vad" (edge silence units first get what an energy detector finds silent at the start/end: energy_flat_start)
+    silence_ids: tuple = ()  # unit ids that are silence (the export gives the edge slots' and pau's); with none,
+    # flat_init and split_trailing_silence change nothing
+    split_trailing_silence: bool = False  # a trailing silence unit gets its own model, apart from the leading one
 
 
 class MFCC:
@@ -213,6 +219,51 @@ def features(load_wav, n_utts: int, cfg: HMMConfig) -> tuple[list[torch.Tensor],
     return feats, durations
 
 
+def speech_span(c0: np.ndarray, min_run: int = 3) -> tuple[int, int] | None:
+    """[first, last] frame of speech by log energy (``c0``, the 0th cepstrum): frames above a two-means threshold
+    between the utterance's quiet and loud frames; the first and last runs of at least ``min_run`` such frames
+    bound the speech. None when nothing is loud enough (a flat signal)."""
+    x = np.asarray(c0, dtype=np.float64)
+    lo, hi = np.percentile(x, 10), np.percentile(x, 90)
+    if hi - lo < 1e-6:
+        return None
+    thr = 0.5 * (lo + hi)
+    for _ in range(10):  # two-means (Lloyd) on the 1-D energies
+        a, b = x[x <= thr], x[x > thr]
+        if not len(a) or not len(b):
+            break
+        thr = 0.5 * (a.mean() + b.mean())
+    loud = np.concatenate([[0], (x > thr).astype(np.int64), [0]])
+    d = np.diff(loud)
+    starts, ends = np.flatnonzero(d == 1), np.flatnonzero(d == -1)  # runs [start, end)
+    keep = (ends - starts) >= min_run
+    if not keep.any():
+        return None
+    return int(starts[keep][0]), int(ends[keep][-1] - 1)
+
+
+def energy_flat_start(feat: torch.Tensor, units: list[int], silence_ids, states: int) -> np.ndarray:
+    """Frames per unit for a flat start that knows where the speech is: a leading (trailing) silence unit gets the
+    frames before (after) the speech span ``speech_span`` finds on the features' c0, the other units share the rest
+    evenly (each unit >= ``states`` frames where possible); an even split when there is no such span."""
+    T, U = feat.shape[0], len(units)
+    even = np.diff(np.linspace(0, T, U + 1).round().astype(np.int64))
+    sil = set(int(s) for s in silence_ids)
+    lead, trail = bool(U) and units[0] in sil, U > 1 and units[-1] in sil
+    span = speech_span(feat[:, 0].numpy())
+    if span is None or not (lead or trail):
+        return even
+    a, b = span[0] if lead else 0, span[1] + 1 if trail else T
+    inner = U - lead - trail
+    a = min(a, max(0, T - states * (inner + trail)))  # leave room for the other units' states
+    b = max(b, min(T, a + states * max(inner, 1)))
+    if b <= a or inner <= 0:
+        return even
+    mid = np.diff(np.linspace(a, b, inner + 1).round().astype(np.int64))
+    out = np.concatenate([[a] if lead else [], mid, [T - b] if trail else []]).astype(np.int64)
+    return out if out.sum() == T and (out >= 1).all() else even
+
+
 def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: list[list[int]],
                 init_ends_s: list[np.ndarray] | None, n_units: int, cfg: HMMConfig | None = None,
                 log=None, timing: dict | None = None, shard: Shard = SINGLE) -> tuple[list[np.ndarray | None], dict]:
@@ -222,6 +273,13 @@ def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: lis
     wall-clock seconds go to ``timing["seconds"]``."""
     cfg = cfg or HMMConfig()
     t0 = time.time()
+    if cfg.flat_init not in ("even", "vad"):
+        raise ValueError(f"flat_init must be 'even' or 'vad', got {cfg.flat_init!r}")
+    if cfg.split_trailing_silence and cfg.silence_ids:  # the trailing silence unit becomes class n_units
+        sil = set(int(x) for x in cfg.silence_ids)
+        unit_ids = [list(u[:-1]) + [n_units] if len(u) > 1 and u[-1] in sil else list(u) for u in unit_ids]
+        cfg = dataclasses.replace(cfg, silence_ids=(*cfg.silence_ids, n_units), split_trailing_silence=False)
+        n_units += 1
     hop_s = cfg.hop_ms / 1000.0
     n_utts = len(feats)
     # Viterbi needs >= one frame per state: an utterance too fast for that keeps its initial alignment
@@ -236,8 +294,12 @@ def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: lis
     if ok:
         # a seeded sample of at most max_train_hours of audio trains the GMMs; the final model aligns every row
         train, acc = sample_hours(ok, durations, cfg.max_train_hours, cfg.seed)
-        init = None if init_ends_s is None else [F.ends_to_counts(init_ends_s[i], feats[i].shape[0], hop_s)
-                                                 for i in train]
+        if init_ends_s is not None:
+            init = [F.ends_to_counts(init_ends_s[i], feats[i].shape[0], hop_s) for i in train]
+        elif cfg.flat_init == "vad":
+            init = [energy_flat_start(feats[i], unit_ids[i], cfg.silence_ids, cfg.states) for i in train]
+        else:
+            init = None
         counts, st, model = train_align([feats[i] for i in train], [unit_ids[i] for i in train], n_units, cfg, init,
                                         log, shard)
         stats.update(st, train_utts=len(train), train_audio_s=round(acc, 1))

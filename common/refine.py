@@ -289,32 +289,75 @@ def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[
 # The export's refinement: the frame classifier, then two HMM-GMMs, fused
 # --------------------------------------------------------------------------------------------------------------------
 FUSION_GRID_S = 0.001  # fused boundaries are kept on a 1 ms grid
+FUSIONS = ("mean", "median")
 
 
-def fuse_boundaries(members: list[tuple[float, list]], fallback: list[np.ndarray]) -> list[np.ndarray]:
-    """Per utterance, the weighted mean of the members' unit end times (``members``: ``(weight, ends per
-    utterance)``, an entry None where that member skipped the utterance); ``fallback[i]`` where none has it."""
+def fuse_boundaries(members: list[tuple[float, list]], fallback: list[np.ndarray], how: str = "mean"
+                    ) -> list[np.ndarray]:
+    """Per utterance, the members' unit end times fused (``members``: ``(weight, ends per utterance)``, an entry
+    None where that member skipped the utterance): ``mean``, the weighted mean; ``median``, the median of the
+    members with a weight > 0, boundary by boundary (robust to one member that is far off, e.g. a flat start that
+    learnt silence as a phone). ``fallback[i]`` where no member has utterance ``i``."""
+    if how not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {how!r}")
     out = []
     for i, base in enumerate(fallback):
-        have = [(w, m[i]) for w, m in members if m[i] is not None]
-        total = sum(w for w, _ in have)
-        out.append(sum(w * m for w, m in have) / total if total > 0 else base)
+        have = [(w, m[i]) for w, m in members if w > 0 and m[i] is not None]
+        if not have:
+            out.append(base)
+        elif how == "median":
+            out.append(np.maximum.accumulate(np.median(np.stack([m for _, m in have]), axis=0)))
+        else:
+            total = sum(w for w, _ in have)
+            out.append(sum(w * m for w, m in have) / total)
     return out
+
+
+def cap_final_phone(units: list[list[str]], ends: list[np.ndarray], k: float, silence=frozenset()) -> int:
+    """In place: the phone right before an utterance's trailing silence ends at most ``k`` x the median duration
+    of that phone's other (non-final) occurrences in the corpus (all phones' median when it has fewer than 3). A
+    word-final closure (a stop, a glottal stop) is as silent as the pause after it, so an aligner lets it swallow
+    that pause. Returns the number of rows changed."""
+    durs: dict[str, list[float]] = {}
+    for u, e in zip(units, ends):
+        last = len(u) - 2 if u and u[-1] in silence else len(u)
+        starts = np.concatenate([[0.0], e[:-1]])
+        for j, tok in enumerate(u):
+            if tok not in silence and j != last:
+                durs.setdefault(tok, []).append(float(e[j] - starts[j]))
+    pooled = [x for v in durs.values() for x in v]
+    if not pooled:
+        return 0
+    everything = float(np.median(pooled))
+    med = {t: float(np.median(v)) for t, v in durs.items() if len(v) >= 3}
+    changed = 0
+    for u, e in zip(units, ends):
+        j = len(u) - 2
+        if j < 0 or u[-1] not in silence or u[j] in silence:
+            continue
+        cap = (e[j - 1] if j > 0 else 0.0) + k * med.get(u[j], everything)
+        if e[j] > cap:
+            e[j] = cap
+            changed += 1
+    return changed
 
 
 def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]], first_ends_s: list[np.ndarray],
                       n_tokens: int, cfg: RefineConfig, hmm=None, hmm_weight: float = 0.0,
                       flat_start_schedule=None, device: str = "cpu", log=None,
                       fixed_ends_s: dict[int, np.ndarray] | None = None, timing: dict | None = None,
-                      shard: Shard = SINGLE) -> tuple[list[np.ndarray], float, list[np.ndarray], dict]:
+                      shard: Shard = SINGLE, fusion: str = "mean", first_pass_weight: float = 0.0,
+                      ) -> tuple[list[np.ndarray], float, list[np.ndarray], dict, dict[str, list]]:
     """Refine every utterance's first-pass boundaries: ``refine`` (the frame classifier); then, when
     ``hmm_weight`` > 0, two HMM-GMMs (``common.hmm``, config ``hmm``), one Viterbi-trained from the classifier's
-    alignment and one from a flat start (``flat_start_schedule``; it shares none of the classifier's errors); each
-    boundary is the weighted mean of the three, ``1 - hmm_weight`` for the classifier and ``hmm_weight / 2`` for
-    each HMM. ``load_wav(i)``: utterance ``i`` at ``cfg.sample_rate`` (read once for every pass). Returns (frames
-    per unit, their hop in seconds: the classifier's, or the 1 ms fusion grid; the classifier's per-unit confidence;
-    stats). Wall-clock seconds per stage go to ``timing``. Under ``shard`` (a torchrun export) the classifier and the
-    HMM-GMMs are trained by rank 0 and shared, and each process aligns its share of the batches."""
+    alignment and one from a flat start (``flat_start_schedule``; it shares none of the classifier's errors); the
+    boundaries are fused (``fuse_boundaries``, ``fusion``) with weights ``1 - hmm_weight`` for the classifier,
+    ``hmm_weight / 2`` for each HMM and ``first_pass_weight`` for the first pass itself. ``load_wav(i)``: utterance
+    ``i`` at ``cfg.sample_rate`` (read once for every pass). Returns (unit end times per utterance, the grid (s)
+    they are on: the classifier's hop, or 1 ms when fused; the classifier's per-unit confidence; stats; each
+    member's end times by name). Wall-clock seconds per stage go to ``timing``. Under ``shard`` (a torchrun export)
+    the classifier and the HMM-GMMs are trained by rank 0 and shared, and each process aligns its share of the
+    batches."""
     from common.hmm import FLAT_START_SCHEDULE, MFCC, hmm_realign
 
     timing = {} if timing is None else timing
@@ -330,11 +373,12 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
     counts, confs, stats = refine(load, len(durations), unit_ids, first_ends_s, n_tokens, cfg, device, log,
                                   fixed_ends_s, timing, shard)
     hop_s = cfg.hop_ms / 1000.0
-    if mfcc is None:
-        return counts, hop_s, confs, stats
     ends = [F.frame_ends_seconds(c, hop_s, t) for c, t in zip(counts, durations)]
+    named = {"first_pass": list(first_ends_s), "classifier": ends}
+    if mfcc is None:
+        return ends, hop_s, confs, stats, named
     stats["hmm"] = {}
-    members = [(1.0 - hmm_weight, ends)]
+    members = [(1.0 - hmm_weight, ends), (first_pass_weight, list(first_ends_s))]
     schedules = (("from_refined", ends, tuple(hmm.schedule)),
                  ("flat_start", None, tuple(flat_start_schedule or FLAT_START_SCHEDULE)))
     for name, init, sched in schedules:
@@ -343,6 +387,5 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
                                             dataclasses.replace(hmm, schedule=sched), log, t, shard)
         timing[f"hmm_{name}_s"] = t.get("seconds")
         members.append((hmm_weight / 2.0, h))
-    fused = fuse_boundaries(members, ends)  # an HMM skips rows too fast for its states per unit
-    return ([F.ends_to_counts(e, int(round(t / FUSION_GRID_S)), FUSION_GRID_S) for e, t in zip(fused, durations)],
-            FUSION_GRID_S, confs, stats)
+        named[f"hmm_{name}"] = h
+    return fuse_boundaries(members, ends, fusion), FUSION_GRID_S, confs, stats, named

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from common.refine import IGNORE, RefineConfig, frame_labels, refine, unit_label_ids
@@ -89,3 +90,24 @@ def test_fixed_rows_teach_the_labelling_convention():
         errors.append(mean_inner_error_ms([ends[i] for i in others], [convention[i] for i in others]))
         assert stats["fixed_utts"] == len(fixed)
     assert errors[0] > 10 and errors[1] < 0.6 * errors[0], errors
+
+
+def test_median_fusion_ignores_one_far_off_member_and_the_final_cap():
+    from common.refine import cap_final_phone, fuse_boundaries
+
+    truth = [np.array([0.1, 0.25, 0.4, 1.0]), np.array([0.2, 0.3, 0.9])]
+    good1 = [t + np.r_[0.004 * np.ones(len(t) - 1), 0] for t in truth]
+    good2 = [t - np.r_[0.006 * np.ones(len(t) - 1), 0] for t in truth]
+    late = [t + np.r_[0.05 * np.ones(len(t) - 1), 0] for t in truth]  # a flat start that learnt silence as phones
+    members = [(1.0, good1), (1.0, good2), (1.0, late)]
+    mean = fuse_boundaries(members, truth, "mean")
+    med = fuse_boundaries(members, truth, "median")
+    err = lambda f: max(float(np.max(np.abs(a[:-1] - b[:-1]))) for a, b in zip(f, truth))  # noqa: E731
+    assert err(mean) > 0.015 and err(med) <= 0.004 + 1e-9
+    assert fuse_boundaries([(1.0, [None, good1[1]]), (0.0, late)], truth, "median")[0] is truth[0]  # no member
+    # the final cap: the phone before the trailing silence may not outlast k x its median elsewhere
+    units = [["pau", "a", "t", "pau"], ["t", "a", "pau"], ["a", "t", "a", "pau"], ["t", "t", "pau"]]
+    ends = [np.array([0.1, 0.2, 0.9, 1.2]), np.array([0.05, 0.15, 0.5]), np.array([0.1, 0.15, 0.25, 0.6]),
+            np.array([0.05, 0.1, 0.4])]
+    n = cap_final_phone(units, ends, 2.0, frozenset({"pau"}))
+    assert n == 1 and ends[0][2] == pytest.approx(0.2 + 2 * 0.05)  # 't' elsewhere: 0.05 0.05 0.05 -> cap 0.1

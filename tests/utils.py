@@ -132,5 +132,29 @@ def tone_corpus(n: int, seed: int):
     return wavs, units, ends
 
 
+def tone_words(n: int, seed: int):
+    """Word-like recordings: 3-5 tone "phones" between a short leading (0.1-0.2 s) and a long trailing (0.4-0.7 s)
+    silence, as single-word field recordings are (about half of the audio is edge silence)."""
+    rng = np.random.default_rng(seed)
+    wavs, units, ends = [], [], []
+    for _ in range(n):
+        k = int(rng.integers(3, 6))
+        seq = [0] + [int(c) + 1 for c in rng.integers(0, len(TONE_FREQS), k)] + [0]
+        for j in range(2, len(seq) - 1):
+            while seq[j] == seq[j - 1]:
+                seq[j] = int(rng.integers(0, len(TONE_FREQS))) + 1
+        durs = [float(rng.uniform(0.1, 0.2))] + [float(rng.uniform(0.06, 0.2)) for _ in range(k)] + \
+            [float(rng.uniform(0.4, 0.7))]
+        parts = []
+        for c, d in zip(seq, durs):
+            t = np.arange(int(d * TONE_SR)) / TONE_SR
+            parts.append(np.zeros_like(t) if c == 0 else 0.3 * np.sin(2 * np.pi * TONE_FREQS[c - 1] * t))
+        w = np.concatenate(parts) + 0.003 * rng.standard_normal(sum(len(p) for p in parts))
+        wavs.append(torch.from_numpy(w.astype(np.float32)))
+        units.append(seq)
+        ends.append(np.cumsum([len(p) for p in parts]) / TONE_SR)
+    return wavs, units, ends
+
+
 def mean_inner_error_ms(ends_a, ends_b) -> float:
     return 1000 * float(np.mean(np.concatenate([np.abs(a[:-1] - b[:-1]) for a, b in zip(ends_a, ends_b)])))
