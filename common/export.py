@@ -29,6 +29,7 @@ import torch
 from common import calibration
 from common import first_pass as A
 from common import long_rows
+from common import units as U
 from common import frames as F
 from common.audio import AudioDataset, audio_info, length_buckets
 from common.calibration import Calibration
@@ -36,7 +37,7 @@ from common.corpus import read_matcha, read_phones_tsv
 from common.ddp import Shard
 from common.durations import (FORMATS, alignment_record, append_alignment, export_durations, matcha_num_frames,
                               npy_duration_paths, pt_duration_path, write_durations)
-from common.g2p import G2P, check_symbols, ipa_to_tokens, load_symbols
+from common.g2p import G2P, check_symbols, load_symbols
 from common.io import UserError, safe_join, write_json
 from common.vocab import BLANK_ID, SIL, SILENCE_TOKENS
 
@@ -256,15 +257,18 @@ class Alignment:
 
 def phoneme_source(opts: ExportOptions) -> dict:
     """G2P / symbols / phones_tsv: the ones given, else those the model was trained with (its run folder)."""
-    if opts.g2p or opts.symbols or opts.phones_tsv:
-        return {"g2p": opts.g2p, "symbols": opts.symbols, "phones_tsv": opts.phones_tsv, "from": "options"}
     if opts.styletts2_asr:  # StyleTTS2 phonemizes with espeak-ng (stress and punctuation kept), as our default G2P
+        if opts.g2p or opts.symbols or opts.phones_tsv:
+            return {"g2p": opts.g2p, "symbols": opts.symbols, "phones_tsv": opts.phones_tsv, "from": "options"}
         return {"g2p": None, "symbols": None, "phones_tsv": None, "from": "StyleTTS2 (espeak-ng IPA)"}
+    units = U.run_units(opts.model_dir)  # the run's unit type (common/units.py): phonemes, characters or pieces
+    if opts.g2p or opts.symbols or opts.phones_tsv:
+        return {"g2p": opts.g2p, "symbols": opts.symbols, "phones_tsv": opts.phones_tsv, "from": "options", **units}
     from common.run_folder import load_phoneme_source
 
     src = load_phoneme_source(opts.model_dir)
     return {"g2p": src.get("g2p"), "symbols": src.get("symbols"), "phones_tsv": src.get("phones_tsv"),
-            "from": "run folder"}
+            "from": "run folder", **units}
 
 
 def prepare_items(opts: ExportOptions, vocab, src: dict) -> list[Item]:
@@ -287,7 +291,8 @@ def prepare_items(opts: ExportOptions, vocab, src: dict) -> list[Item]:
         for r in recs:
             g2p.check_language(r.language, r.where)
         ph = g2p.phonemize_all(((r.language, r.text) for r in recs), progress=opts.progress)
-        tokens = {r.id: ipa_to_tokens(ph[(r.language, r.text)]) for r in recs}
+        to_tokens = U.text_tokenizer(src)  # one token per character, or SentencePiece pieces
+        tokens = {r.id: to_tokens(ph[(r.language, r.text)], r.where) for r in recs}
     symbols = load_symbols(src["symbols"])
     missing_audio = [r for r in recs if not r.wav.is_file()]
     if missing_audio:
@@ -307,7 +312,7 @@ def prepare_items(opts: ExportOptions, vocab, src: dict) -> list[Item]:
         if not toks:
             raise UserError(f"{r.where}: no phonemes for text {r.text!r}; fix the text or its language")
         if symbols is not None:
-            check_symbols(toks, symbols, r.where)
+            check_symbols(U.symbols_of(toks, src), symbols, r.where)
         unknown = sorted({t for t in toks if t not in vocab.index})
         if unknown and hasattr(vocab, "unknown_message"):  # a StyleTTS2 symbol table
             raise UserError(f"{r.where}: {vocab.unknown_message(unknown)}")
@@ -508,6 +513,7 @@ def export_corpus(opts: ExportOptions) -> dict:
     model = load_model(opts, device)
     src = phoneme_source(opts)
     items = prepare_items(opts, model.vocab, src)
+    units = U.ExportUnits(src, model.vocab)  # spm: piece spans -> symbols after the first pass
     check_feasible(items, model.scorer, opts.edge_silence)
     report_dir = opts.corpus / "durations"
     align_file = report_dir / ALIGNMENTS_FILE
@@ -547,6 +553,7 @@ def export_corpus(opts: ExportOptions) -> dict:
                 if plots_left > 0:
                     _plot(a, sc.cpu(), report_dir / "plots")
                     plots_left -= 1
+            units.expand(rows)
             if streaming:
                 _calibrate(rows, cal)
                 written.append(writer.submit(_write_all, rows, opts, align_file, results, failures))
@@ -564,7 +571,7 @@ def export_corpus(opts: ExportOptions) -> dict:
             passed[i] = a
             in_batch_order.append(a)
     timing["first_pass_s"] = round(time.time() - t0, 2)
-    refine_stats = _refine(passed, model.vocab, device, opts, labelled, timing, shard) if refining else None
+    refine_stats = _refine(passed, units.vocab, device, opts, labelled, timing, shard) if refining else None
     if not shard.main:
         return {}
     if not streaming and not collect:  # torchrun without refinement: rank 0 writes every row, in the plan's order
@@ -576,7 +583,7 @@ def export_corpus(opts: ExportOptions) -> dict:
         cal_info = {"labelled": str(opts.labelled), "labelled_rows": len(labelled), "boundaries": cal.boundaries,
                     "file": str(report_dir / "calibration.json")}
     if pieces:
-        passed = long_rows.rejoin(passed, pieces, {it.rel: it for it in items})
+        passed = long_rows.rejoin(passed, pieces, {it.rel: units.item(it) for it in items})
     if collect:
         t = time.time()
         _calibrate(passed, cal)
