@@ -67,6 +67,7 @@ class ExportOptions:
     styletts2_asr: Path | None
     styletts2_config: Path | None
     styletts2_blank: int
+    first_pass: str
     format: str
     add_blank: bool
     hop_length: int
@@ -146,6 +147,11 @@ class ExportOptions:
              f"--piece_s must be in (0, --long_row_s], got {self.piece_s} and {self.long_row_s}"),
             (self.styletts2_asr is not None or self.styletts2_config is None,
              "--styletts2_config goes with --styletts2_asr (the checkpoint it configures)"),
+            (self.first_pass == "recognizer" or self.scores == "ctc",
+             f"--first_pass {self.first_pass}: a Hugging Face CTC model has no attention; give --scores ctc "
+             f"(not {self.scores})"),
+            (self.first_pass == "recognizer" or self.styletts2_asr is None,
+             "give --first_pass hf:... or --styletts2_asr (the first pass's model), not both"),
             (not (self.calibration and self.labelled),
              "give --labelled (calibrate from those rows in this export) or --calibration (offsets fitted before), "
              "not both"),
@@ -153,6 +159,9 @@ class ExportOptions:
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
+        from common.hf_first_pass import model_name
+
+        model_name(self.first_pass)  # 'recognizer' or hf:DIR_OR_NAME, else a one-line error
 
     def as_record(self) -> dict:
         """Every option, as the report records it."""
@@ -257,10 +266,12 @@ class Alignment:
 
 def phoneme_source(opts: ExportOptions) -> dict:
     """G2P / symbols / phones_tsv: the ones given, else those the model was trained with (its run folder)."""
-    if opts.styletts2_asr:  # StyleTTS2 phonemizes with espeak-ng (stress and punctuation kept), as our default G2P
+    if opts.styletts2_asr or opts.first_pass != "recognizer":  # StyleTTS2 (and espeak-IPA HF models) phonemize
+        # with espeak-ng (stress and punctuation kept), as our default G2P
         if opts.g2p or opts.symbols or opts.phones_tsv:
             return {"g2p": opts.g2p, "symbols": opts.symbols, "phones_tsv": opts.phones_tsv, "from": "options"}
-        return {"g2p": None, "symbols": None, "phones_tsv": None, "from": "StyleTTS2 (espeak-ng IPA)"}
+        return {"g2p": None, "symbols": None, "phones_tsv": None,
+                "from": f"{'StyleTTS2' if opts.styletts2_asr else opts.first_pass} (espeak-ng IPA)"}
     units = U.run_units(opts.model_dir)  # the run's unit type (common/units.py): phonemes, characters or pieces
     if opts.g2p or opts.symbols or opts.phones_tsv:
         return {"g2p": opts.g2p, "symbols": opts.symbols, "phones_tsv": opts.phones_tsv, "from": "options", **units}
@@ -287,7 +298,8 @@ def prepare_items(opts: ExportOptions, vocab, src: dict) -> list[Item]:
                             f"the model was trained on phones from this file (or give --g2p)")
         tokens = {r.id: table[r.id][0] for r in recs}
     else:
-        g2p = G2P(src["g2p"], cache_file=None if opts.styletts2_asr else opts.model_dir / ".g2p_cache.json")
+        g2p = G2P(src["g2p"], cache_file=None if opts.styletts2_asr or opts.first_pass != "recognizer" else
+                  opts.model_dir / ".g2p_cache.json")
         for r in recs:
             g2p.check_language(r.language, r.where)
         ph = g2p.phonemize_all(((r.language, r.text) for r in recs), progress=opts.progress)
@@ -407,7 +419,7 @@ class LoadedModel:
     scorer: object  # RecognizerScorer | common.styletts2.StyleTTS2Scorer
     vocab: object  # common.vocab.Vocab | common.styletts2.SymbolVocab
     checkpoint: Path
-    family: str  # "recognizer" | "styletts2"
+    family: str  # "recognizer" | "styletts2" | "hf"
 
 
 def load_model(opts: ExportOptions, device: str) -> LoadedModel:
@@ -416,6 +428,11 @@ def load_model(opts: ExportOptions, device: str) -> LoadedModel:
     from common import styletts2
     from common.model import load_run
 
+    if opts.first_pass != "recognizer":  # a Hugging Face CTC model (common/hf_first_pass.py)
+        from common import hf_first_pass
+
+        scorer, vocab, folder = hf_first_pass.load(opts.first_pass, device)
+        return LoadedModel(scorer, vocab, folder, "hf")
     if opts.styletts2_asr:
         asr = styletts2.load_checkpoint(opts.styletts2_asr, opts.styletts2_config, device)
         return LoadedModel(styletts2.StyleTTS2Scorer(asr.model, asr.vocab, opts.styletts2_blank), asr.vocab,
@@ -591,7 +608,8 @@ def export_corpus(opts: ExportOptions) -> dict:
         audio_s += _write_all([a for a in passed if a.item.rel in todo_rels], opts, align_file, results, failures)
         timing["write_s"] = round(time.time() - t, 2)
     report = {
-        "corpus": str(opts.corpus), "model_dir": None if opts.styletts2_asr else str(opts.model_dir),
+        "corpus": str(opts.corpus),
+        "model_dir": None if opts.styletts2_asr or opts.first_pass != "recognizer" else str(opts.model_dir),
         "checkpoint": str(model.checkpoint), "model_family": model.family,
         "made_by": provenance(), "options": opts.as_record(), "phonemes": {k: str(v) if isinstance(v, Path) else v
                                                                             for k, v in src.items()},
