@@ -78,12 +78,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--min_duration is larger than --max_duration")
     if a.tokenizer_type != "phoneme":
         if a.phones_tsv is not None:
-            p.error(f"--phones_tsv gives phones: it goes with --tokenizer_type phoneme, not {a.tokenizer_type}")
+            raise UserError(f"--phones_tsv gives phones: it goes with --tokenizer_type phoneme, not "
+                            f"{a.tokenizer_type}; drop one of them")
         a.g2p = a.g2p or U.CHAR_CLEANER  # the text cleaner is the G2P of char / spm units (recorded, so the
         # export cleans the text the same way)
     if a.spm_model is not None:
         if a.tokenizer_type != "spm":
-            p.error("--spm_model goes with --tokenizer_type spm")
+            raise UserError("--spm_model goes with --tokenizer_type spm; add it, or drop --spm_model")
         a.spm_model = a.spm_model.resolve()
     if a.phones_tsv is not None:
         a.phones_tsv = a.phones_tsv.resolve()  # recorded in prep_report.json; training copies the file into its run
