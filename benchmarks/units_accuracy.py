@@ -5,7 +5,7 @@ SentencePiece pieces, on a fresh built-in corpus, every boundary scored against 
     python benchmarks/units_accuracy.py [--work /tmp/units_accuracy] [--num_utts 150] [--epochs 8]
 
 1. synthesize a festival corpus (as benchmarks/accuracy.py: its own seed, the second half of the sentence list);
-2. per unit type, manifests (test split = sentences never seen in training) and a training run (the recipe's
+2. per unit type (festival phones, espeak-ng IPA phonemes, characters, pieces), manifests (test split = sentences never seen in training) and a training run (the recipe's
    defaults, ``--number_of_epochs``); the test error rate over its units (PER, CER, piece error rate);
 3. export every row (the first pass alone, ``--no_refine``, then the default with refinement) and score the
    durations against festival's phones: the same sequence one to one (festival phones), otherwise paired by edit
@@ -38,7 +38,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--spm_vocab_size", type=int, default=100)
-    ap.add_argument("--units", default="phones,char,spm", help="which unit types to run")
+    ap.add_argument("--units", default="phones,ipa,char,spm",
+                    help="which to run: phones (festival's, --phones_tsv), ipa (espeak-ng G2P), char, spm")
     ap.add_argument("--train", default="", help="extra training arguments, e.g. '--num_threads 1'")
     a = ap.parse_args()
     w = a.work
@@ -51,9 +52,12 @@ def main() -> int:
         sh(sys.executable, "data_prep/synth_corpus.py", corpus, "--num_utts", a.num_utts, "--sample_rate", 22050,
            "--seed", a.seed, "--sentences", sent, "--no_progress", "--overwrite")
     ref = read_phones_tsv(corpus / "phones.tsv")
-    preps = {"phones": ["--phones_tsv", corpus / "phones.tsv"], "char": ["--tokenizer_type", "char"],
+    preps = {"phones": ["--phones_tsv", corpus / "phones.tsv"], "ipa": [], "char": ["--tokenizer_type", "char"],
              "spm": ["--tokenizer_type", "spm", "--spm_vocab_size", a.spm_vocab_size]}
-    results, timing = {}, {}
+    out = w / "units_accuracy.json"
+    old = json.loads(out.read_text()) if out.is_file() else {}  # earlier runs' rows (other --units) are kept
+    timing = old.pop("timing_sec", {})
+    results = old
     for name in a.units.split(","):
         pipe = Pipeline(corpus, w / name, train=["--noprogressbar", "--number_of_epochs", str(a.epochs),
                                                  *a.train.split()],
