@@ -31,6 +31,34 @@ from common.corpus import read_phones_tsv  # noqa: E402
 from common.pipeline import Pipeline  # noqa: E402
 
 
+def split_rule_cost(w: Path, ref: dict) -> dict:
+    """What the even split of a piece's span costs by itself: the char run's refined character ends, grouped into
+    the spm run's pieces and each piece's span re-divided evenly, both scored on the alignment ends."""
+    import numpy as np
+
+    from common import units as U
+    from common.boundary_eval import collapse_spans, evaluate, spans_from_ends
+    from common.durations import read_alignments
+
+    sp = U.SpmTokenizer(w / "spm" / "model" / U.SPM_FILE)
+    al = read_alignments(w / "corpus_char" / "durations" / "alignments.jsonl")
+    text = {ln.split("|")[0]: U.basic_cleaner(ln.split("|")[3])
+            for ln in (w / "corpus" / "metadata.csv").read_text(encoding="utf-8").splitlines()}
+    base, even = {}, {}
+    for rel, a in al.items():
+        units, ends = a["aligned_tokens"], np.array(a["aligned_ends_s"])
+        base[rel] = collapse_spans(spans_from_ends(units, ends))
+        _, owner = U.symbols_of_pieces(sp.encode(text[rel]))
+        off, e, owner = (1 if units[0] == "pau" else 0), ends.copy(), np.asarray(owner)
+        for k in np.unique(owner):
+            idx = np.flatnonzero(owner == k) + off
+            start = ends[idx[0] - 1] if idx[0] > 0 else 0.0
+            e[idx] = start + (ends[idx[-1]] - start) * np.arange(1, len(idx) + 1) / len(idx)
+        even[rel] = collapse_spans(spans_from_ends(units, e))
+    return {name: evaluate({r: ref[r] for r in h}, h)[0]["overall"]
+            for name, h in (("char refined, alignment ends", base), ("the same, pieces re-split evenly", even))}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/units_accuracy"))
@@ -76,6 +104,10 @@ def main() -> int:
             timing[f"export {name} {kind}"] = round(time.time() - t, 1)
             results[f"{name}, {kind}: durations vs festival phones"] = score(ref, c)
         (w / "units_accuracy.json").write_text(json.dumps({**results, "timing_sec": timing}, indent=2))
+    if (w / "corpus_char" / "durations").is_dir() and (w / "spm" / "model").is_dir():
+        for k, v in split_rule_cost(w, ref).items():
+            results[f"split rule: {k}"] = {**v, "scored": v["n"], "ref_boundaries": "-"}
+        out.write_text(json.dumps({**results, "timing_sec": timing}, indent=2))
     print(f"\n{'setting':<62}{'scored':>12}{'mean':>8}{'median':>8}{'<=20':>7}{'<=50':>7}")
     for k, v in results.items():
         if "mean_ms" in v:
