@@ -5,7 +5,8 @@ SentencePiece pieces, on a fresh built-in corpus, every boundary scored against 
     python benchmarks/units_accuracy.py [--work /tmp/units_accuracy] [--num_utts 150] [--epochs 8]
 
 1. synthesize a festival corpus (as benchmarks/accuracy.py: its own seed, the second half of the sentence list);
-2. per unit type (festival phones, espeak-ng IPA phonemes, characters, pieces), manifests (test split = sentences never seen in training) and a training run (the recipe's
+2. per unit type (festival phones, espeak-ng IPA phonemes, characters, pieces), manifests (test split = sentences
+   never seen in training) and a training run (the recipe's
    defaults, ``--number_of_epochs``); the test error rate over its units (PER, CER, piece error rate);
 3. export every row (the first pass alone, ``--no_refine``, then the default with refinement) and score the
    durations against festival's phones: the same sequence one to one (festival phones), otherwise paired by edit
