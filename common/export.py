@@ -29,6 +29,7 @@ import torch
 from common import calibration
 from common import first_pass as A
 from common import long_rows
+from common import units as U
 from common import frames as F
 from common.audio import AudioDataset, audio_info, length_buckets
 from common.calibration import Calibration
@@ -36,7 +37,7 @@ from common.corpus import read_matcha, read_phones_tsv
 from common.ddp import Shard
 from common.durations import (FORMATS, alignment_record, append_alignment, export_durations, matcha_num_frames,
                               npy_duration_paths, pt_duration_path, write_durations)
-from common.g2p import G2P, check_symbols, ipa_to_tokens, load_symbols
+from common.g2p import G2P, check_symbols, load_symbols
 from common.io import UserError, safe_join, write_json
 from common.vocab import BLANK_ID, SIL, SILENCE_TOKENS
 
@@ -66,6 +67,7 @@ class ExportOptions:
     styletts2_asr: Path | None
     styletts2_config: Path | None
     styletts2_blank: int
+    first_pass: str
     format: str
     add_blank: bool
     hop_length: int
@@ -154,6 +156,11 @@ class ExportOptions:
              f"--piece_s must be in (0, --long_row_s], got {self.piece_s} and {self.long_row_s}"),
             (self.styletts2_asr is not None or self.styletts2_config is None,
              "--styletts2_config goes with --styletts2_asr (the checkpoint it configures)"),
+            (self.first_pass == "recognizer" or self.scores == "ctc",
+             f"--first_pass {self.first_pass}: a Hugging Face CTC model has no attention; give --scores ctc "
+             f"(not {self.scores})"),
+            (self.first_pass == "recognizer" or self.styletts2_asr is None,
+             "give --first_pass hf:... or --styletts2_asr (the first pass's model), not both"),
             (not (self.calibration and self.labelled),
              "give --labelled (calibrate from those rows in this export) or --calibration (offsets fitted before), "
              "not both"),
@@ -161,6 +168,9 @@ class ExportOptions:
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
+        from common.hf_first_pass import model_name
+
+        model_name(self.first_pass)  # 'recognizer' or hf:DIR_OR_NAME, else a one-line error
 
     def as_record(self) -> dict:
         """Every option, as the report records it."""
@@ -266,15 +276,20 @@ class Alignment:
 
 def phoneme_source(opts: ExportOptions) -> dict:
     """G2P / symbols / phones_tsv: the ones given, else those the model was trained with (its run folder)."""
+    if opts.styletts2_asr or opts.first_pass != "recognizer":  # StyleTTS2 (and espeak-IPA HF models) phonemize
+        # with espeak-ng (stress and punctuation kept), as our default G2P
+        if opts.g2p or opts.symbols or opts.phones_tsv:
+            return {"g2p": opts.g2p, "symbols": opts.symbols, "phones_tsv": opts.phones_tsv, "from": "options"}
+        return {"g2p": None, "symbols": None, "phones_tsv": None,
+                "from": f"{'StyleTTS2' if opts.styletts2_asr else opts.first_pass} (espeak-ng IPA)"}
+    units = U.run_units(opts.model_dir)  # the run's unit type (common/units.py): phonemes, characters or pieces
     if opts.g2p or opts.symbols or opts.phones_tsv:
-        return {"g2p": opts.g2p, "symbols": opts.symbols, "phones_tsv": opts.phones_tsv, "from": "options"}
-    if opts.styletts2_asr:  # StyleTTS2 phonemizes with espeak-ng (stress and punctuation kept), as our default G2P
-        return {"g2p": None, "symbols": None, "phones_tsv": None, "from": "StyleTTS2 (espeak-ng IPA)"}
+        return {"g2p": opts.g2p, "symbols": opts.symbols, "phones_tsv": opts.phones_tsv, "from": "options", **units}
     from common.run_folder import load_phoneme_source
 
     src = load_phoneme_source(opts.model_dir)
     return {"g2p": src.get("g2p"), "symbols": src.get("symbols"), "phones_tsv": src.get("phones_tsv"),
-            "from": "run folder"}
+            "from": "run folder", **units}
 
 
 def prepare_items(opts: ExportOptions, vocab, src: dict) -> list[Item]:
@@ -293,11 +308,13 @@ def prepare_items(opts: ExportOptions, vocab, src: dict) -> list[Item]:
                             f"the model was trained on phones from this file (or give --g2p)")
         tokens = {r.id: table[r.id][0] for r in recs}
     else:
-        g2p = G2P(src["g2p"], cache_file=None if opts.styletts2_asr else opts.model_dir / ".g2p_cache.json")
+        g2p = G2P(src["g2p"], cache_file=None if opts.styletts2_asr or opts.first_pass != "recognizer" else
+                  opts.model_dir / ".g2p_cache.json")
         for r in recs:
             g2p.check_language(r.language, r.where)
         ph = g2p.phonemize_all(((r.language, r.text) for r in recs), progress=opts.progress)
-        tokens = {r.id: ipa_to_tokens(ph[(r.language, r.text)]) for r in recs}
+        to_tokens = U.text_tokenizer(src)  # one token per character, or SentencePiece pieces
+        tokens = {r.id: to_tokens(ph[(r.language, r.text)], r.where) for r in recs}
     symbols = load_symbols(src["symbols"])
     missing_audio = [r for r in recs if not r.wav.is_file()]
     if missing_audio:
@@ -317,7 +334,7 @@ def prepare_items(opts: ExportOptions, vocab, src: dict) -> list[Item]:
         if not toks:
             raise UserError(f"{r.where}: no phonemes for text {r.text!r}; fix the text or its language")
         if symbols is not None:
-            check_symbols(toks, symbols, r.where)
+            check_symbols(U.symbols_of(toks, src), symbols, r.where)
         unknown = sorted({t for t in toks if t not in vocab.index})
         if unknown and hasattr(vocab, "unknown_message"):  # a StyleTTS2 symbol table
             raise UserError(f"{r.where}: {vocab.unknown_message(unknown)}")
@@ -412,7 +429,7 @@ class LoadedModel:
     scorer: object  # RecognizerScorer | common.styletts2.StyleTTS2Scorer
     vocab: object  # common.vocab.Vocab | common.styletts2.SymbolVocab
     checkpoint: Path
-    family: str  # "recognizer" | "styletts2"
+    family: str  # "recognizer" | "styletts2" | "hf"
 
 
 def load_model(opts: ExportOptions, device: str) -> LoadedModel:
@@ -421,6 +438,11 @@ def load_model(opts: ExportOptions, device: str) -> LoadedModel:
     from common import styletts2
     from common.model import load_run
 
+    if opts.first_pass != "recognizer":  # a Hugging Face CTC model (common/hf_first_pass.py)
+        from common import hf_first_pass
+
+        scorer, vocab, folder = hf_first_pass.load(opts.first_pass, device)
+        return LoadedModel(scorer, vocab, folder, "hf")
     if opts.styletts2_asr:
         asr = styletts2.load_checkpoint(opts.styletts2_asr, opts.styletts2_config, device)
         return LoadedModel(styletts2.StyleTTS2Scorer(asr.model, asr.vocab, opts.styletts2_blank), asr.vocab,
@@ -518,6 +540,7 @@ def export_corpus(opts: ExportOptions) -> dict:
     model = load_model(opts, device)
     src = phoneme_source(opts)
     items = prepare_items(opts, model.vocab, src)
+    units = U.ExportUnits(src, model.vocab)  # spm: piece spans -> symbols after the first pass
     check_feasible(items, model.scorer, opts.edge_silence)
     report_dir = opts.corpus / "durations"
     align_file = report_dir / ALIGNMENTS_FILE
@@ -557,6 +580,7 @@ def export_corpus(opts: ExportOptions) -> dict:
                 if plots_left > 0:
                     _plot(a, sc.cpu(), report_dir / "plots")
                     plots_left -= 1
+            units.expand(rows)
             if streaming:
                 _calibrate(rows, cal)
                 written.append(writer.submit(_write_all, rows, opts, align_file, results, failures))
@@ -574,7 +598,7 @@ def export_corpus(opts: ExportOptions) -> dict:
             passed[i] = a
             in_batch_order.append(a)
     timing["first_pass_s"] = round(time.time() - t0, 2)
-    refine_stats = _refine(passed, model.vocab, device, opts, labelled, timing, shard) if refining else None
+    refine_stats = _refine(passed, units.vocab, device, opts, labelled, timing, shard) if refining else None
     if not shard.main:
         return {}
     if not streaming and not collect:  # torchrun without refinement: rank 0 writes every row, in the plan's order
@@ -586,7 +610,7 @@ def export_corpus(opts: ExportOptions) -> dict:
         cal_info = {"labelled": str(opts.labelled), "labelled_rows": len(labelled), "boundaries": cal.boundaries,
                     "file": str(report_dir / "calibration.json")}
     if pieces:
-        passed = long_rows.rejoin(passed, pieces, {it.rel: it for it in items})
+        passed = long_rows.rejoin(passed, pieces, {it.rel: units.item(it) for it in items})
     if collect:
         t = time.time()
         _calibrate(passed, cal)
@@ -594,7 +618,8 @@ def export_corpus(opts: ExportOptions) -> dict:
         audio_s += _write_all([a for a in passed if a.item.rel in todo_rels], opts, align_file, results, failures)
         timing["write_s"] = round(time.time() - t, 2)
     report = {
-        "corpus": str(opts.corpus), "model_dir": None if opts.styletts2_asr else str(opts.model_dir),
+        "corpus": str(opts.corpus),
+        "model_dir": None if opts.styletts2_asr or opts.first_pass != "recognizer" else str(opts.model_dir),
         "checkpoint": str(model.checkpoint), "model_family": model.family,
         "made_by": provenance(), "options": opts.as_record(), "phonemes": {k: str(v) if isinstance(v, Path) else v
                                                                             for k, v in src.items()},

@@ -6,6 +6,7 @@
     <run>/phonemes.json      how the transcripts became tokens: the G2P / symbol table / phones.tsv and the
                              data-prep options (from the manifests' prep_report.json)
     <run>/phones.tsv         a copy of the phones.tsv the manifests took their phones from, when they did
+    <run>/spm.model          the SentencePiece model of --tokenizer_type spm manifests (phonemes.json: "units")
     <run>/train_phonemes.txt the training transcripts' tokens, one row a line (decode.py's phone LM is fitted on it)
     <run>/save/              checkpoints (the best by valid PER and the latest); lora.json for adapter-only runs
 
@@ -37,7 +38,16 @@ def save_phoneme_source(run: Path, data_folder: Path) -> dict:
     opts = prep.get("options", {})
     source = {"g2p": opts.get("g2p"), "symbols": opts.get("symbols"), "phones_tsv": None,
               "language": opts.get("language"), "phoneme_source": prep.get("phoneme_source", "espeak"),
-              "manifests": str(data_folder.resolve()), "prep_options": opts}
+              "manifests": str(data_folder.resolve()), "prep_options": opts,
+              "units": opts.get("tokenizer_type") or "phoneme", "spm_model": None}
+    if source["units"] == "spm":  # common/units.py: the pieces' model goes with the run
+        from common.units import SPM_FILE
+
+        if not (data_folder / SPM_FILE).is_file():
+            raise UserError(f"{data_folder / SPM_FILE} not found: the manifests are SentencePiece units "
+                            f"(--tokenizer_type spm) but their model is gone; re-run make_manifests.py")
+        shutil.copyfile(data_folder / SPM_FILE, run / SPM_FILE)
+        source["spm_model"] = SPM_FILE
     if opts.get("phones_tsv"):
         src = Path(opts["phones_tsv"])  # make_manifests.py records it as an absolute path
         if not src.is_file():

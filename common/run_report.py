@@ -126,7 +126,11 @@ def write_reports(brain, hparams, counts: Counter, vocab, run_id: str, runtime_s
                   finetune: dict, languages: list[str], world_size: int) -> dict:
     """Write ``metrics.json`` and ``model_card.json`` into the run folder (and the sweep CSV row); returns the
     metrics. ``brain.results`` holds what the recipe's Brain collected while training."""
+    from common.units import RATE_NAMES, TASKS, run_units
+
     res, out = brain.results, Path(hparams["output_folder"])
+    unit_type = run_units(out)["units"]  # the error rates below are over these units: PER, CER or piece error rate
+    task = TASKS[unit_type]
     device = str(brain.device)
     best = min(res["valid"], key=lambda v: v["PER"]) if res["valid"] else {}
     test = res.get("test") or {}
@@ -134,7 +138,8 @@ def write_reports(brain, hparams, counts: Counter, vocab, run_id: str, runtime_s
     lora = finetune["peft"] == "lora"
     batch_utts = res.get("mean_batch_utts", 0.0)
     metrics = {
-        "run_id": run_id, "model": hparams["model_name"], "task": TASK, "output_dir": str(out),
+        "run_id": run_id, "model": hparams["model_name"], "task": task, "output_dir": str(out),
+        "units": {"type": unit_type, "error_rate": RATE_NAMES[unit_type]},
         "data": dict(counts), "epochs": res.get("epochs_trained", hparams["epoch_counter"].current),
         "averaged_checkpoints": res.get("averaged"),
         "resumed_from_epoch": resumed_epoch,
@@ -160,7 +165,7 @@ def write_reports(brain, hparams, counts: Counter, vocab, run_id: str, runtime_s
     }
     write_json(out / "metrics.json", metrics)
     card = {
-        "task": TASK, "model": hparams["model_name"], "run_id": run_id,
+        "task": task, "model": hparams["model_name"], "run_id": run_id,
         "architecture": _architecture(hparams, nparams),
         "data": {"data_folder": str(hparams["data_folder"]), "train_csv": str(hparams["train_csv"]),
                  "valid_csv": str(hparams["valid_csv"]), "test_csv": None if hparams["skip_test"] else
@@ -198,7 +203,7 @@ def write_reports(brain, hparams, counts: Counter, vocab, run_id: str, runtime_s
             "lora_r": finetune.get("lora_r", ""), "lora_alpha": finetune.get("lora_alpha", ""),
             "lora_dropout": finetune.get("lora_dropout", ""),
             "language": hparams["language"] or (langs.most_common(1)[0][0] if langs else ""),
-            "task": TASK, "learning_rate": hparams["lr"], "seed": hparams["seed"],
+            "task": task, "learning_rate": hparams["lr"], "seed": hparams["seed"],
             "eval_strategy": hparams["eval_strategy"], "eval_steps": hparams["eval_steps"],
         })
     return metrics

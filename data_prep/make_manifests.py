@@ -23,6 +23,7 @@ from common.audio import audio_info  # noqa: E402
 from common.corpus import FORMATS, Record, read_corpus, read_phones_tsv  # noqa: E402
 from common.g2p import G2P, check_symbols, ipa_to_tokens, load_symbols  # noqa: E402
 from common.io import UserError, cli, write_json, write_manifest  # noqa: E402
+from common import units as U  # noqa: E402
 from common.vocab import Vocab  # noqa: E402
 
 SPLITS = ("train", "valid", "test")
@@ -40,6 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--phones_tsv", type=Path, help="take each row's phones from this file (rel_path<TAB>phones<TAB>ends)")
     p.add_argument("--g2p", help="module:function(text, language) -> str (default: phonemizer espeak-ng)")
     p.add_argument("--symbols", help="module:attr ordered symbol list (e.g. matcha.text.symbols:symbols)")
+    p.add_argument("--tokenizer_type", default="phoneme", choices=U.UNIT_TYPES,
+                   help="the recognizer's units: phoneme (G2P), char (the cleaned text's characters) or spm "
+                        "(SentencePiece pieces of the cleaned text); durations are per phoneme / per character")
+    p.add_argument("--spm_vocab_size", type=int, default=100, help="pieces of the SentencePiece model trained on "
+                   "the training split (an upper bound: a small corpus gets fewer)")
+    p.add_argument("--spm_model", type=Path, help="use this SentencePiece model instead of training one")
     p.add_argument("--njobs", type=int, default=os.cpu_count() or 1, help="parallel phonemizer processes")
     # splits
     p.add_argument("--valid_fraction", type=float, default=0.05)
@@ -69,6 +76,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--valid_fraction + --test_fraction must be below 1")
     if a.min_duration > a.max_duration:
         p.error("--min_duration is larger than --max_duration")
+    if a.tokenizer_type != "phoneme":
+        if a.phones_tsv is not None:
+            raise UserError(f"--phones_tsv gives phones: it goes with --tokenizer_type phoneme, not "
+                            f"{a.tokenizer_type}; drop one of them")
+        a.g2p = a.g2p or U.CHAR_CLEANER  # the text cleaner is the G2P of char / spm units (recorded, so the
+        # export cleans the text the same way)
+    if a.spm_model is not None:
+        if a.tokenizer_type != "spm":
+            raise UserError("--spm_model goes with --tokenizer_type spm; add it, or drop --spm_model")
+        a.spm_model = a.spm_model.resolve()
     if a.phones_tsv is not None:
         a.phones_tsv = a.phones_tsv.resolve()  # recorded in prep_report.json; training copies the file into its run
     return a
@@ -208,6 +225,29 @@ def assign_splits(rows: list, a) -> dict[str, list]:
     return out
 
 
+def subword_units(splits: dict, a) -> Path:
+    """``--tokenizer_type spm``: every row's tokens become the pieces of its cleaned text (the char tokens), by a
+    SentencePiece model trained on the training split's text (or ``--spm_model``); returns the model written to a
+    temporary file in OUT (moved into place with the manifests)."""
+    import shutil
+
+    tmp = a.out / f".{U.SPM_FILE}.tmp"
+    if a.spm_model is not None:
+        U.SpmTokenizer(a.spm_model)  # a clear error when it is not one
+        shutil.copyfile(a.spm_model, tmp)
+    else:
+        U.train_spm([U.detokenize(t, "char") for _, _, t in splits["train"]], tmp, a.spm_vocab_size)
+    sp = U.SpmTokenizer(tmp)
+    a._spm_pieces = sp.size
+    try:
+        for s in SPLITS:
+            splits[s] = [(r, d, sp.encode(U.detokenize(t, "char"), r.where)) for r, d, t in splits[s]]
+    except UserError:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
 @cli
 def main(argv=None) -> int:
     a = parse_args(argv)
@@ -230,6 +270,7 @@ def main(argv=None) -> int:
     if not splits["train"]:
         raise UserError(f"{a.corpus}: no usable training rows (skipped: {dict(skips.counts)}); lower "
                         f"--valid_fraction/--test_fraction or use --split_by utterance")
+    spm_tmp = subword_units(splits, a) if a.tokenizer_type == "spm" else None
     vocab = Vocab.build((" ".join(t) for s in SPLITS for _, _, t in splits[s]), symbols)
 
     def manifest_rows(items):
@@ -239,11 +280,15 @@ def main(argv=None) -> int:
 
     counts = {s: write_manifest(a.out / f"{s}.csv", manifest_rows(splits[s])) for s in SPLITS}
     vocab.save(a.out / "tokens.txt")
+    if spm_tmp is not None:
+        spm_tmp.replace(a.out / U.SPM_FILE)
     report = {
         "corpus": str(a.corpus), "format": a.format, "rows_read": len(recs), "rows_written": sum(counts.values()),
         "splits": {s: {"rows": counts[s], "hours": round(sum(d for _, d, _ in splits[s]) / 3600, 4)} for s in SPLITS},
         "skipped": dict(skips.counts), "skipped_examples": skips.examples, "vocab_size": len(vocab),
         "phoneme_source": "phones_tsv" if a.phones_tsv else (a.g2p or "espeak"),
+        "units": {"type": a.tokenizer_type, **({"spm_model": U.SPM_FILE, "spm_pieces": a._spm_pieces}
+                                                if a.tokenizer_type == "spm" else {})},
         "g2p_cache_hits": getattr(a, "_g2p_cache_hits", 0),
         "languages": dict(Counter(r.language for r, _, _ in rows)), "speakers": len({r.spk_id for r, _, _ in rows}),
         "options": {k: (str(v) if isinstance(v, Path) else None if v == float("inf") else v)

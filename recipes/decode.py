@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Decode phonemes with a trained recognizer and score them (PER), or print the phonemes of one audio file.
+"""Decode phonemes with a trained recognizer and score them (PER; CER / WER for character and SentencePiece runs),
+or print the phonemes of one audio file.
 
     python recipes/decode.py hparams/phoneme.yaml --test_csv MAN/test.csv [--model_dir OUT]
         [--decoder ctc_greedy|ctc_beam|attention] [--beam_size 8] [--ctc_weight 0.4]
@@ -18,7 +19,9 @@ column (kept in the run folder as train_phonemes.txt), weight ``--lm_weight`` (d
 Decoders and knobs: see ``common/decoding.py`` (``--beam_size`` / ``--ctc_weight`` default to the run's
 ``beam_size`` / ``beam_ctc_weight``). Writes ``decode.jsonl`` into the model folder (or ``--output``): one JSON
 object per manifest row, in manifest order, ``{"id", "ref", "hyp", "per"}`` (tokens space-separated, ``per`` in %
-= edits / reference tokens), and prints the corpus PER with substitutions / deletions / insertions.
+= edits / reference tokens), and prints the corpus PER with substitutions / deletions / insertions. The rate follows
+the run's unit type (``common/units.py``): ``per`` for phonemes; ``cer`` and ``wer`` for characters; ``piece_er``
+(over the pieces), then ``cer`` and ``wer`` of the detokenized text for SentencePiece units.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ import torch  # noqa: E402
 from common import model as M  # noqa: E402
 from common.decoding import DECODERS, DecodeOptions, PhonemeDecoder, length_sorted_batches  # noqa: E402
 from common.io import UserError, atomic_write, cli, read_manifest  # noqa: E402
+from common.units import run_units  # noqa: E402
 
 OUTPUT_NAME = "decode.jsonl"
 
@@ -150,6 +154,25 @@ def score(rows: list[dict], hyps: list[list[str]]):
     return stats
 
 
+def rates(rows: list[dict], hyps: list[list[str]], unit_type: str) -> dict:
+    """The error rates of the run's unit type (``common/units.py``), each ``(key, name, ErrorRateStats)``: over the
+    model's units (PER / CER / piece error rate) and, for characters and pieces, CER and WER of the text they spell
+    (``char``: the units are the characters, so CER is the first)."""
+    from common.units import RATE_NAMES, chars_of, detokenize
+
+    out = [("per" if unit_type == "phoneme" else "cer" if unit_type == "char" else "piece_er",
+            RATE_NAMES[unit_type], score(rows, hyps))]
+    if unit_type == "phoneme":
+        return out
+    texts = [detokenize(r["ref"], unit_type) for r in rows], [detokenize(h, unit_type) for h in hyps]
+    if unit_type == "spm":
+        out.append(("cer", "CER", score([{**r, "ref": chars_of(t)} for r, t in zip(rows, texts[0])],
+                                        [chars_of(t) for t in texts[1]])))
+    out.append(("wer", "WER", score([{**r, "ref": t.split()} for r, t in zip(rows, texts[0])],
+                                    [t.split() for t in texts[1]])))
+    return out
+
+
 @cli
 def main(argv=None) -> int:
     a, extra = parse_args(sys.argv[1:] if argv is None else argv)
@@ -201,19 +224,24 @@ def main(argv=None) -> int:
     t0 = time.time()
     hyps = decode_rows(decoder, rows, hparams, a.batch_size, a.device)
     elapsed = time.time() - t0
-    stats = score(rows, hyps)
-    per_utt = {s["key"]: s["WER"] for s in stats.scores}
+    unit_type = run_units(model_dir)["units"]
+    scored = rates(rows, hyps, unit_type)
+    per_utt = {key: {s["key"]: s["WER"] for s in stats.scores} for key, _, stats in scored}
     out_path = a.output or model_dir / OUTPUT_NAME
     with atomic_write(out_path) as fh:
         for r, h in zip(rows, hyps):
-            rec = {"id": r["id"], "ref": " ".join(r["ref"]), "hyp": " ".join(h), "per": round(per_utt[r["id"]], 4)}
+            rec = {"id": r["id"], "ref": " ".join(r["ref"]), "hyp": " ".join(h),
+                   **{key: round(v[r["id"]], 4) for key, v in per_utt.items()}}
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    s = stats.summarize()
     audio_s = sum(r["duration"] for r in rows)
     print(f"{opts.describe()}")
-    print(f"{len(rows)} utts, {s['num_scored_tokens']} reference tokens: PER {s['error_rate']:.2f}% "
+    (_, name, stats), rest = scored[0], scored[1:]
+    s = stats.summarize()
+    print(f"{len(rows)} utts, {s['num_scored_tokens']} reference tokens: {name} {s['error_rate']:.2f}% "
           f"(sub {s['substitutions']}, del {s['deletions']}, ins {s['insertions']}); "
           f"{elapsed:.1f} s for {audio_s:.1f} s of audio")
+    if rest:
+        print("of the text they spell: " + ", ".join(f"{n} {st.summarize()['error_rate']:.2f}%" for _, n, st in rest))
     print(f"wrote {out_path}")
     return 0
 
