@@ -56,7 +56,8 @@ def check_mas(device: str) -> dict:
         v = torch.randn(B, U, T, generator=g)
         tl = torch.randint(U // 2, U + 1, (B,), generator=g)
         ml = torch.maximum(torch.randint(T // 2, T + 1, (B,), generator=g), tl)
-        mask = ((torch.arange(U)[None, :, None] < tl[:, None, None]) & (torch.arange(T)[None, None, :] < ml[:, None, None])).float()
+        mask = ((torch.arange(U)[None, :, None] < tl[:, None, None])
+                & (torch.arange(T)[None, None, :] < ml[:, None, None])).float()
         ref = maximum_path(v, mask, backend="numba" if "numba" in available_backends("cpu") else "reference")
         vc, mc = v.to(device), mask.to(device)
         got = maximum_path(vc, mc, backend="triton").cpu()
@@ -105,7 +106,8 @@ def check_amp(device: str, steps: int = 5) -> dict:
                 p_ctc = M.ctc_log_probs(mods, hp, enc)
                 p_seq, _ = M.attention_decode(mods, hp, enc, lens, bos)
                 loss = hp["ctc_cost"](p_ctc.float(), toks, lens, tok_lens) + hp["seq_cost"](
-                    p_seq.float(), torch.cat([toks, torch.full((8, 1), 3, device=device)], 1), torch.ones(8, device=device))
+                    p_seq.float(), torch.cat([toks, torch.full((8, 1), 3, device=device)], 1),
+                    torch.ones(8, device=device))
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -149,7 +151,8 @@ def main() -> int:
         res["export_default"] = _export(py, a.corpus, a.model_dir, a.device)
         if a.device.startswith("cuda"):
             res["export_torchrun_1"] = _export([*py, "-m", "torch.distributed.run", "--standalone",
-                                                "--nproc_per_node", "1"], a.corpus, a.model_dir, a.device, "--no_refine")
+                                                "--nproc_per_node", "1"], a.corpus, a.model_dir, a.device,
+                                               "--no_refine")
         else:
             res["export_torchrun_1"] = {"status": "skipped: no CUDA"}
     else:

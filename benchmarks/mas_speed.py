@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     batches, texts, mels = ([1, 8, 32], [50, 200, 400], [200, 1000, 3000])
     if args.quick:
         batches, texts, mels = ([1, 8], [50, 200], [200, 1000])
-    header = f"{'B':>3} {'T_text':>6} {'T_mel':>6} | {'ours ms':>9} | {'cython ms':>9} {'x':>6} | {'mas-pkg ms':>10} {'x':>6}"
+    header = (f"{'B':>3} {'T_text':>6} {'T_mel':>6} | {'ours ms':>9} | "
+              f"{'cython ms':>9} {'x':>6} | {'mas-pkg ms':>10} {'x':>6}")
     print(header)
     print("-" * len(header))
     worst = {"all": float("inf"), "b>=8": float("inf")}

@@ -239,7 +239,8 @@ def table(rows: dict[str, dict]) -> str:
                    f"{fmt(o['overall']['median_ms'])}{fmt(o['overall']['within_20ms_pct'])} | "
                    f"{fmt(pp.get('mean_ms'), width=6)}{fmt(pp.get('within_20ms_pct'))} | "
                    f"{fmt(ed.get('mean_ms'), width=6)}{fmt(ed.get('within_20ms_pct'))} |"
-                   f"{fmt(o['signed_mean_ms'], '+.1f')}{fmt(r['by_kind'].get('phone|phone', {}).get('signed_ms'), '+.1f')}"
+                   f"{fmt(o['signed_mean_ms'], '+.1f')}"
+                   f"{fmt(r['by_kind'].get('phone|phone', {}).get('signed_ms'), '+.1f')}"
                    f"{fmt(r['by_kind'].get('edges', {}).get('signed_ms'), '+.1f')}")
     out.append("ms; all = every scored boundary, p|p = between two phones, edges = speech/silence; bias = signed "
                "mean (hyp - ref)")

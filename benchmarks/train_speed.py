@@ -7,7 +7,8 @@ For each batching strategy: audio seconds processed per second (forward + backwa
 recipe's model from hparams/phoneme.yaml, CTC loss), the padding ratio (padded samples / all samples) and the
 time spent waiting on the data loader. The strategies see the same utterances with the same audio per batch on
 average (the sampler's batches at ``--seconds``, default the recipe's ``max_batch_length``, and its
-``num_buckets``; the peers take the sampler's mean batch size). One untimed warm-up pass first, then ``--repeats`` rounds that run the strategies in turn
+``num_buckets``; the peers take the sampler's mean batch size). One untimed warm-up pass first, then ``--repeats``
+rounds that run the strategies in turn
 (shared machines drift); each figure is the median over the rounds, the ratio is against random batches.
 """
 from __future__ import annotations

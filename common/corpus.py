@@ -59,7 +59,8 @@ def _check_unique(records: list[Record]) -> list[Record]:
     seen: dict[str, str] = {}
     for r in records:
         if r.id in seen:
-            raise UserError(f"{r.where}: duplicate id {r.id!r} (first at {seen[r.id]}); each utterance needs a unique path")
+            raise UserError(f"{r.where}: duplicate id {r.id!r} (first at {seen[r.id]}); "
+                            "each utterance needs a unique path")
         seen[r.id] = r.where
     return records
 
@@ -95,7 +96,8 @@ def read_auxasr(corpus: Path, lists: list[Path], wav_dir: Path | None, language:
         if corpus.is_file():
             lists = [corpus]
         else:
-            lists = [p for p in (corpus / "train_list.txt", corpus / "val_list.txt", corpus / "test_list.txt") if p.is_file()]
+            lists = [p for p in (corpus / "train_list.txt", corpus / "val_list.txt", corpus / "test_list.txt")
+                     if p.is_file()]
             if not lists:
                 raise UserError(f"{corpus}: no train_list.txt / val_list.txt found; give --metadata LIST.txt")
     split_of = {"train_list.txt": "train", "val_list.txt": "valid", "test_list.txt": "test"}
@@ -120,7 +122,8 @@ def read_commonvoice(corpus: Path, wav_dir: Path | None, language: str) -> list[
     split_of = {"train.tsv": "train", "dev.tsv": "valid", "test.tsv": "test"}
     present = [f for f in split_of if (corpus / f).is_file()]
     if not present:
-        raise UserError(f"{corpus}: none of train.tsv, dev.tsv, test.tsv found; point --corpus at the Common Voice language folder")
+        raise UserError(f"{corpus}: none of train.tsv, dev.tsv, test.tsv found; "
+                        "point --corpus at the Common Voice language folder")
     out = []
     for name in present:
         tsv = corpus / name
@@ -136,7 +139,8 @@ def read_commonvoice(corpus: Path, wav_dir: Path | None, language: str) -> list[
                 wav = safe_join(clips, row["path"], where)
                 uid = os.path.splitext(row["path"])[0]
                 lang = (row.get("locale") or "").strip() or language
-                out.append(Record(uid, wav, row.get("client_id") or "0", lang, row["sentence"], where, split=split_of[name]))
+                out.append(Record(uid, wav, row.get("client_id") or "0", lang, row["sentence"], where,
+                                  split=split_of[name]))
     return _check_unique(out)
 
 
@@ -185,7 +189,8 @@ def read_hf(source: str, out_dir: Path, config: str | None, split: str | None, a
             hint = "the token in HF_TOKEN was refused" if token else "no HF_TOKEN found in the environment or .env"
             raise UserError(f"{source}: dataset is gated or private ({hint}); accept its terms on the hub and set "
                             f"HF_TOKEN=... in the environment or a .env file") from None
-        raise UserError(f"{source}: cannot load Hugging Face dataset ({type(err).__name__}: {str(err)[:200]})") from None
+        raise UserError(f"{source}: cannot load Hugging Face dataset "
+                        f"({type(err).__name__}: {str(err)[:200]})") from None
     cols = ds.column_names
     if audio_col not in cols:
         raise UserError(f"{source}: no audio column {audio_col!r} (columns: {cols}); set --hf_audio_column")

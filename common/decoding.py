@@ -63,14 +63,16 @@ def adjust_log_probs(
 # --------------------------------------------------------------------------------------------------------------------
 # CTC greedy / best path
 # --------------------------------------------------------------------------------------------------------------------
-def best_path(log_probs: torch.Tensor | np.ndarray, insertion_bonus: float = 0.0, blank_id: int = BLANK_ID) -> list[int]:
+def best_path(log_probs: torch.Tensor | np.ndarray, insertion_bonus: float = 0.0,
+              blank_id: int = BLANK_ID) -> list[int]:
     """Token ids of the best CTC path of one utterance ``[T, V]`` where each emitted token earns ``insertion_bonus``.
 
     A path is one label per frame; it emits a token at frame t when the label is not blank and differs from the
     label at t-1. Viterbi over the label of the previous frame:
     ``S[t, k] = lp[t, k] + max(S[t-1, k], max_{s != k} S[t-1, s] + c * [k != blank])``.
     """
-    lp = log_probs.detach().cpu().double().numpy() if isinstance(log_probs, torch.Tensor) else np.asarray(log_probs, float)
+    lp = (log_probs.detach().cpu().double().numpy() if isinstance(log_probs, torch.Tensor)
+          else np.asarray(log_probs, float))
     T, V = lp.shape
     if T == 0:
         return []
@@ -167,7 +169,8 @@ class AdjustedCTCHead(nn.Module):
     def __init__(self, ctc_lin: nn.Module, temperature: float = 1.0, blank_penalty: float = 0.0,
                  blank_id: int = BLANK_ID):
         super().__init__()
-        self.ctc_lin, self.temperature, self.blank_penalty, self.blank_id = ctc_lin, temperature, blank_penalty, blank_id
+        (self.ctc_lin, self.temperature,
+         self.blank_penalty, self.blank_id) = ctc_lin, temperature, blank_penalty, blank_id
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return adjust_log_probs(self.ctc_lin(x), self.temperature, self.blank_penalty, self.blank_id)

@@ -288,7 +288,8 @@ def check_alignment(rec: dict, where: str, keys: Sequence[str] = ALIGNMENT_KEYS)
     toks, durs = rec["tokens"], rec["durations"]
     if not isinstance(toks, list) or not isinstance(durs, list) or len(toks) != len(durs):
         raise UserError(f"{where}: 'tokens' and 'durations' must be lists of equal length "
-                        f"({len(toks) if isinstance(toks, list) else '?'} vs {len(durs) if isinstance(durs, list) else '?'})")
+                        f"({len(toks) if isinstance(toks, list) else '?'} vs "
+                        f"{len(durs) if isinstance(durs, list) else '?'})")
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in durs):
         raise UserError(f"{where}: 'durations' must be integers >= 0")
     if rec["add_blank"] and (len(toks) % 2 != 1 or any(t != BLANK for t in toks[0::2])):

@@ -140,7 +140,8 @@ class ExportOptions:
                 object.__setattr__(self, k, Path(str(v)))
         checks = [
             (self.scores in A.SCORE_KINDS, f"--scores must be one of {', '.join(A.SCORE_KINDS)}, got {self.scores!r}"),
-            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
+            (self.precision in PRECISIONS,
+             f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (self.format in FORMATS, f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}"),
             (0.0 <= self.ctc_weight <= 1.0, f"--ctc_weight must be in [0, 1], got {self.ctc_weight}"),
             (0.0 <= self.hmm_weight <= 1.0, f"--hmm_weight must be in [0, 1], got {self.hmm_weight}"),

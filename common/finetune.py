@@ -49,7 +49,9 @@ class LoRAWithDropout(LoRA):
         down, up = self.adapter_down_proj.weight.double(), self.adapter_up_proj.weight.double()
         if isinstance(base, nn.Linear):
             delta = up @ down
-        else:  # Conv: down mirrors the layer's kernel, up is pointwise -> delta[o, i, k...] = sum_r up[o, r] down[r, i, k...]
+        else:
+            # Conv: down mirrors the layer's kernel, up is pointwise
+            # -> delta[o, i, k...] = sum_r up[o, r] down[r, i, k...]
             delta = torch.einsum("or,r...->o...", up.flatten(1), down)
         with torch.no_grad():  # in float64, rounded once
             base.weight.copy_((base.weight.double() + delta * self.scaling).to(base.weight.dtype))
@@ -163,7 +165,8 @@ def load_lora_run(model_dir: Path, hparams, ckpter, ckpt) -> None:
     LoRA wrapped around them as in training, adapters from ``lora.ckpt``, the rest (normalization) from ``ckpt``."""
     info_file = model_dir / LORA_FILE
     if not info_file.is_file():
-        raise UserError(f"{ckpt.path} holds LoRA adapters only but {info_file} (the pointer to the base model) is missing")
+        raise UserError(f"{ckpt.path} holds LoRA adapters only but {info_file} "
+                        "(the pointer to the base model) is missing")
     info = json.loads(info_file.read_text(encoding="utf-8"))
     base = Path(info["base_checkpoint"])
     if not (base / "model.ckpt").is_file():

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from common.vocab import SIL, SILENCE_TOKENS
-from common.mas import LOG_FLOOR, mas_frames
+from common.mas import LOG_FLOOR
 
 SCORE_KINDS = ("ctc", "attention", "joint")
 FORBID = -1e4  # a cell no path may use (another token's CTC emission)

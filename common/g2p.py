@@ -30,7 +30,8 @@ def load_attr(spec: str, what: str):
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as err:
-        raise UserError(f"{what} {spec!r}: cannot import module {mod_name!r} ({err}); install it or fix PYTHONPATH") from None
+        raise UserError(f"{what} {spec!r}: cannot import module {mod_name!r} ({err}); "
+                        "install it or fix PYTHONPATH") from None
     obj = mod
     for part in attr.split("."):
         if not hasattr(obj, part):

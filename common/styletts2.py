@@ -50,7 +50,8 @@ RUN_FILE = "styletts2.json"  # in a fine-tuning run folder: the vocabulary mappi
 # StyleTTS2's text_utils.py table: pad, punctuation, ASCII letters, IPA letters (178 symbols)
 _PUNCTUATION = ';:,.!?¡¿—…"«»“” '
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_LETTERS_IPA = ("ɑɐɒæɓʙβɔɕçɗɖðʤəɘɚɛɜɝɞɟʄɡɠɢʛɦɧħɥʜɨɪʝɭɬɫɮʟɱɯɰŋɳɲɴøɵɸθœɶʘɹɺɾɻʀʁɽʂʃʈʧʉʊʋⱱʌɣɤʍχʎʏʑʐʒʔʡʕʢǀǁǂǃˈˌːˑʼʴʰʱʲʷˠˤ˞↓↑→↗↘"
+_LETTERS_IPA = ("ɑɐɒæɓʙβɔɕçɗɖðʤəɘɚɛɜɝɞɟʄɡɠɢʛɦɧħɥʜɨɪʝɭɬɫɮʟɱɯɰŋɳɲɴøɵɸθœ"
+                "ɶʘɹɺɾɻʀʁɽʂʃʈʧʉʊʋⱱʌɣɤʍχʎʏʑʐʒʔʡʕʢǀǁǂǃˈˌːˑʼʴʰʱʲʷˠˤ˞↓↑→↗↘"
                 "'̩'ᵻ")
 SYMBOLS: list[str] = ["$"] + list(_PUNCTUATION) + list(_LETTERS) + list(_LETTERS_IPA)
 MODEL_PARAMS = ("input_dim", "hidden_dim", "n_token", "token_embedding_dim")

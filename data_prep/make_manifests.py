@@ -38,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--metadata", type=Path, help="metadata/list file if not the format's default name")
     p.add_argument("--wav_dir", type=Path, help="audio folder if not the format's default")
     p.add_argument("--language", default="en-us", help="language for formats without a language column")
-    p.add_argument("--phones_tsv", type=Path, help="take each row's phones from this file (rel_path<TAB>phones<TAB>ends)")
+    p.add_argument("--phones_tsv", type=Path,
+                   help="take each row's phones from this file (rel_path<TAB>phones<TAB>ends)")
     p.add_argument("--g2p", help="module:function(text, language) -> str (default: phonemizer espeak-ng)")
     p.add_argument("--symbols", help="module:attr ordered symbol list (e.g. matcha.text.symbols:symbols)")
     p.add_argument("--tokenizer_type", default="phoneme", choices=U.UNIT_TYPES,
@@ -53,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test_fraction", type=float, default=0.05)
     p.add_argument("--split_by", choices=("text", "utterance", "speaker"), default="text",
                    help="unit kept whole in one split: 'text' keeps every reading of a sentence together")
-    p.add_argument("--train_list", type=Path, help="file of ids (one per line) for train; likewise --valid_list/--test_list")
+    p.add_argument("--train_list", type=Path,
+                   help="file of ids (one per line) for train; likewise --valid_list/--test_list")
     p.add_argument("--valid_list", type=Path)
     p.add_argument("--test_list", type=Path)
     p.add_argument("--ignore_format_splits", action="store_true", help="re-split corpora that come with splits")
@@ -131,7 +133,8 @@ def check_audio(recs: list[Record], a, skips: Skips) -> list[tuple[Record, float
             skips.add("unreadable_audio", r, str(err), "re-encode the file as PCM WAV")
             continue
         if n == 0:
-            skips.add("zero_length_audio", r, f"audio file {r.wav} has no samples", "re-export the audio or remove the row")
+            skips.add("zero_length_audio", r, f"audio file {r.wav} has no samples",
+                      "re-export the audio or remove the row")
             continue
         dur = n / sr
         if dur < a.min_duration or dur > a.max_duration:

@@ -29,7 +29,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", required=True, type=Path, help="the corpus (Matcha layout for the export)")
     p.add_argument("--work", required=True, type=Path, help="where manifests/, model/ and reports go")
-    p.add_argument("--stage", type=int, default=0, help=f"first stage ({', '.join(f'{i} {s}' for i, s in enumerate(STAGES))})")
+    p.add_argument("--stage", type=int, default=0,
+                   help=f"first stage ({', '.join(f'{i} {s}' for i, s in enumerate(STAGES))})")
     p.add_argument("--stop_stage", type=int, default=len(STAGES) - 1, help="last stage")
     p.add_argument("--force", action="store_true", help="run the stages even when their output exists")
     for s in ("prep", "train", "decode", "export"):

@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=${PYTHON:-python3}
+$PY -m ruff check .
 set +e
 $PY -m pytest -q "$@"
 rc=$?

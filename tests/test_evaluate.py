@@ -95,7 +95,8 @@ def test_ipa_against_festival_pairs_by_edit_distance():
     toks = ["h", "ə", "l", "ˈ", "o", "ʊ", ",", "|", "w", "ˈ", "ɜ", "ː", "l", "d", "."]
     ends_ms = [270, 330, 410, 410, 500, 580, 580, 800, 870, 870, 960, 1010, 1090, 1160, 1160]
     frames = np.diff([210] + ends_ms + [1400], prepend=0)      # leading and trailing silence
-    seq, d = export_durations(["pau"] + toks + ["pau"], frames, asr_frame_s=0.001, num_frames=matcha_num_frames(int(1.4 * SR)),
+    seq, d = export_durations(["pau"] + toks + ["pau"], frames, asr_frame_s=0.001,
+                              num_frames=matcha_num_frames(int(1.4 * SR)),
                               sample_rate=SR, hop_length=HOP)
     hyp = hyp_segments(seq, d.tolist(), SR, HOP)
     assert [s.label for s in hyp] == ["pau", "h", "ə", "l", "o", "ʊ", "pau", "w", "ɜː", "l", "d", "pau"]

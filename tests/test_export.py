@@ -70,7 +70,8 @@ def check_generate_path(durs: list[torch.Tensor], mel_lens: list[int]) -> None:
     dur = torch.zeros(len(durs), int(xl.max()), dtype=torch.long)
     for i, d in enumerate(durs):
         dur[i, : len(d)] = d
-    mask = sequence_mask(xl, int(xl.max())).unsqueeze(-1).float() * sequence_mask(yl, int(yl.max())).unsqueeze(1).float()
+    mask = (sequence_mask(xl, int(xl.max())).unsqueeze(-1).float()
+            * sequence_mask(yl, int(yl.max())).unsqueeze(1).float())
     attn = generate_path(dur, mask)
     for i, (tx, ty) in enumerate(zip(xl.tolist(), yl.tolist())):
         assert torch.equal(attn[i, :tx, :ty].sum(0), torch.ones(ty))
@@ -134,7 +135,8 @@ def test_npy_layout_loads_in_text_mel_dataset(corpus_copy, monkeypatch):
 
     corpus, model = corpus_copy
     export(corpus, model, "--format", "npy", "--no_mels")
-    monkeypatch.setattr(tmd.ta, "load", lambda p: (torch.from_numpy(sf.read(str(p), dtype="float32", always_2d=True)[0].T.copy()),
+    monkeypatch.setattr(tmd.ta, "load", lambda p: (torch.from_numpy(sf.read(str(p), dtype="float32",
+                                                                             always_2d=True)[0].T.copy()),
                                                    sf.info(str(p)).samplerate))
     filelist = corpus / "filelist.txt"
     filelist.write_text("".join(f"{corpus / 'wavs' / rel}.wav|{text}\n" for rel, text in rows(corpus)))
@@ -171,7 +173,8 @@ def test_bad_rows(corpus_copy, tmp_path):
     # a symbol outside the model's symbol table
     (corpus / "metadata.csv").write_text(meta + f"{first[0]}x|0|en-us|{first[3]}\n")
     shutil.copy(corpus / "wavs" / f"{first[0]}.wav", corpus / "wavs" / f"{first[0]}x.wav")
-    (tmp_path / "narrow.py").write_text("from matcha.text.symbols import symbols\nsymbols = [s for s in symbols if s != 'ə']\n")
+    (tmp_path / "narrow.py").write_text("from matcha.text.symbols import symbols\n"
+                                        "symbols = [s for s in symbols if s != 'ə']\n")
     r2 = subprocess.run([sys.executable, EXPORT, "--corpus", str(corpus), "--model_dir", str(model), "--no_mels",
                          "--symbols", "narrow:symbols", "--no_progress"], capture_output=True, text=True, cwd=tmp_path,
                         env={**subprocess_env(), "PYTHONPATH": f"{ROOT}:{tmp_path}"})

@@ -102,7 +102,8 @@ def test_lora_trains_only_adapters_and_reloads(tiny_corpus, tiny_model, tmp_path
     info = json.loads((out / "lora.json").read_text())
     assert Path(info["base_checkpoint"]) == base_ckpt.resolve()
     # normalization statistics are part of the frozen base
-    assert torch.equal(load_state(ckpt / "normalize.ckpt")["glob_mean"], load_state(base_ckpt / "normalize.ckpt")["glob_mean"])
+    assert torch.equal(load_state(ckpt / "normalize.ckpt")["glob_mean"],
+                       load_state(base_ckpt / "normalize.ckpt")["glob_mean"])
 
     modules, hp, _ = M.load_for_inference(out)
     has_lora = any(isinstance(mod, FT.LoRAWithDropout) for mod in modules.modules())

@@ -99,7 +99,8 @@ def test_split_by_text_keeps_sentences_together(tmp_path, capsys):
     assert (out / "test.csv").read_text() == (out2 / "test.csv").read_text()
     # by speaker: no speaker in two splits
     out3 = tmp_path / "out3"
-    run(["--corpus", corpus, "--out", out3, "--split_by", "speaker", "--valid_fraction", 0.3, "--test_fraction", 0.3], capsys)
+    run(["--corpus", corpus, "--out", out3, "--split_by", "speaker", "--valid_fraction", 0.3,
+         "--test_fraction", 0.3], capsys)
     spk = {s: {r["spk_id"] for r in rows(out3 / f"{s}.csv")} for s in ("train", "valid", "test")}
     assert not (spk["train"] & spk["test"]) and not (spk["train"] & spk["valid"])
     # --train_fraction / --validation_samples are training options (tests/test_train.py), not prep ones
@@ -115,7 +116,8 @@ def test_explicit_split_lists_and_phones_tsv(matcha, tmp_path, capsys):
     (tmp_path / "phones.tsv").write_text(phones + "\n")
     out = tmp_path / "out"
     rc, _ = run(["--corpus", matcha, "--out", out, "--test_list", tmp_path / "test.txt", "--valid_list",
-                 tmp_path / "valid.txt", "--train_list", tmp_path / "train.txt", "--phones_tsv", tmp_path / "phones.tsv"], capsys)
+                 tmp_path / "valid.txt", "--train_list", tmp_path / "train.txt",
+                 "--phones_tsv", tmp_path / "phones.tsv"], capsys)
     assert rc == 0
     assert {r["ID"] for r in rows(out / "test.csv")} == {"0/0000", "1/0001"}
     assert [r["ID"] for r in rows(out / "valid.csv")] == ["0/0002"]
@@ -221,7 +223,8 @@ def test_hf_gated_without_token(tmp_path, capsys, monkeypatch):
     import datasets
 
     def gated(*args, **kwargs):
-        raise ConnectionError("Dataset 'org/gated' is a gated dataset on the Hub. You must be authenticated to access it.")
+        raise ConnectionError("Dataset 'org/gated' is a gated dataset on the Hub. "
+                              "You must be authenticated to access it.")
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.chdir(tmp_path)

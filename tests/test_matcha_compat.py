@@ -22,10 +22,10 @@ except Exception as err:  # ImportError, or espeak missing for matcha.text.clean
     pytest.skip(f"matcha-tts not importable ({type(err).__name__}: {err}); install with: {INSTALL}",
                 allow_module_level=True)
 
-from common.durations import (BLANK, export_durations, matcha_num_frames, npy_duration_paths, pt_duration_path,
+from common.durations import (BLANK, export_durations, matcha_num_frames, npy_duration_paths, pt_duration_path,  # noqa: E402
                               read_durations, write_durations)
-from common.io import UserError
-from common.vocab import symbol_to_token
+from common.io import UserError  # noqa: E402
+from common.vocab import symbol_to_token  # noqa: E402
 
 SR, HOP, N_FFT = 22050, 256, 1024
 CLEANERS = ["basic_cleaners"]

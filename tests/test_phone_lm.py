@@ -1,7 +1,6 @@
 """The phone n-gram LM (common/phone_lm.py) and its use in the attention beam search (recipes/decode.py)."""
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from common.refine import IGNORE, RefineConfig, frame_labels, refine, unit_label_ids
 from tests.utils import TONE_FREQS as FREQS, TONE_SR as SR, mean_inner_error_ms, tone_corpus

@@ -206,7 +206,7 @@ def test_metrics_csv_concurrent_appends(tmp_path):
     assert sorted(int(dict(zip(rows[0], r))["wer"]) for r in rows[1:]) == list(range(16))
 
 
-# ------------------------------------------------------------------------------------------------------------------ bad input
+# ----------------------------------------------------------------------------------------------------------- bad input
 def test_empty_manifest(corpus, tmp_path):
     data = copy_manifests(corpus, tmp_path / "d")
     write_manifest(data / "train.csv", [])
