@@ -31,6 +31,7 @@ from common import first_pass as A
 from common import long_rows
 from common import units as U
 from common import frames as F
+from common.mas import mas_frames
 from common.audio import AudioDataset, audio_info, length_buckets
 from common.calibration import Calibration
 from common.corpus import read_matcha, read_phones_tsv
@@ -106,6 +107,7 @@ class ExportOptions:
     refine_margin_decay: float
     refine_seed: int
     feature_sample_rate: int
+    refine_phone_features: bool
     hmm_weight: float
     hmm_states: int
     hmm_hop_ms: float
@@ -118,6 +120,7 @@ class ExportOptions:
     hmm_flat_start_max_s: float
     hmm_flat_init: str
     hmm_split_trailing_silence: bool
+    hmm_tie_min_count: int
     fusion: str
     fusion_first_pass: float
     final_cap: float
@@ -498,7 +501,7 @@ class FirstPass:
                 sc = A.score_matrix(ctc_k, att_k, it.ids, lead, trail, o.scores, o.ctc_weight, blank, edge_rows)
                 spans = A.ctc_emissions(ctc_k, it.ids, blank) if o.anchor else None
                 scores.append(A.anchor(sc, spans, lead) if spans else sc)
-            frames = A.mas_frames(scores, frame_lens)
+            frames = mas_frames(scores, frame_lens)
             rows = []
             for k, it in enumerate(batch):
                 ctc_k = ctc_logp[k, : frame_lens[k]].cpu()
@@ -669,7 +672,8 @@ def _refine(passed: list[Alignment], vocab, device: str, opts: ExportOptions, la
         lambda i: load_audio(passed[i].item.wav, cfg.sample_rate, passed[i].item.span)[0],
         [a.item.duration_s for a in passed],
         [a.unit_ids() for a in passed], first_ends, len(vocab), cfg, hmm, opts.hmm_weight,
-        opts.hmm_flat_start_schedule, device, log, fixed, timing, shard, opts.fusion, opts.fusion_first_pass)
+        opts.hmm_flat_start_schedule, device, log, fixed, timing, shard, opts.fusion, opts.fusion_first_pass,
+        [SIL if k == BLANK_ID else t for k, t in enumerate(vocab.tokens)])  # class 0: the edge silence slots
     if opts.final_cap > 0:
         stats["final_capped"] = cap_final_phone([a.units for a in passed], ends, opts.final_cap, SILENCE_TOKENS)
     for i, (a, e, rc) in enumerate(zip(passed, ends, confs)):
