@@ -27,6 +27,9 @@ Prints one table (rows: the default, each variant, ``phones_mfa.tsv``; columns: 
 phone|phone mean / <=20 ms, speech/silence edges mean / <=20 ms, signed bias all / phone|phone / edges) and a
 per-language table (mean |error| all / phone|phone), and writes ``WORK/real_speech.json``. ``--breakdown``
 also prints the signed error by boundary direction and by the phone classes on either side.
+5. corpus cleaning (``--swap N``, default 6): N transcripts swapped in pairs between words of one scored language,
+   exported with the default flags, and the review flags of ``export_report.json`` counted (those N and the
+   others).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import argparse
 import collections
 import importlib.util
 import json
+import shlex
 import os
 import statistics
 import subprocess
@@ -274,12 +278,42 @@ def prepare_export_corpus(src: Path, dst: Path) -> None:
         wavs.symlink_to((src / "wavs").resolve(), target_is_directory=True)
 
 
+def swap_check(a, w: Path, corpus: Path, model: Path, nopau: Path, langs: set[str], env: dict) -> dict:
+    """Swap ``a.swap`` transcripts in pairs between words of one scored language, export with the default flags
+    (the same model), and count which rows ``export_report.json`` flags for review."""
+    import random
+
+    lines = [ln.split("\t") for ln in nopau.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    by_lang = collections.defaultdict(list)
+    for k, (rel, _, _) in enumerate(lines):
+        if rel.split("/")[0] in langs:
+            by_lang[rel.split("/")[0]].append(k)
+    rng = random.Random(a.seed)
+    swapped = []
+    for lang in rng.sample(sorted(g for g, v in by_lang.items() if len(v) >= 2), max(1, a.swap // 2)):
+        i, j = rng.sample(by_lang[lang], 2)
+        lines[i][1:], lines[j][1:] = lines[j][1:], lines[i][1:]
+        swapped += [lines[i][0], lines[j][0]]
+    d = w / "exports" / "swap"
+    prepare_export_corpus(corpus, d / "corpus")
+    tsv = d / "phones_swapped.tsv"
+    tsv.write_text("".join("\t".join(x) + "\n" for x in lines), encoding="utf-8")
+    sh(sys.executable, "align/export_durations.py", "--corpus", d / "corpus", "--model_dir", model, "--device", "cpu",
+       "--no_mels", "--overwrite", "--no_progress", "--phones_tsv", tsv, env=env)
+    rep = json.loads((d / "corpus" / "durations" / "export_report.json").read_text())
+    flagged = set(rep["flagged"])
+    return {"swapped": len(swapped), "rows": len(lines), "swapped_rows": swapped,
+            "swapped_and_flagged": len(flagged & set(swapped)), "other_rows_flagged": len(flagged - set(swapped)),
+            "flag_rules": rep["flag_rules"],
+            "swapped_statistics": {r: rep["utterances"][r] for r in swapped}}
+
+
 def parse_variant(spec: str) -> tuple[str, list[str]]:
     if "=" in spec:
         name, flags = spec.split("=", 1)
     else:
         name, flags = spec.strip("- ").replace(" ", "_").replace("--", ""), spec
-    return name.strip(), flags.split()
+    return name.strip(), shlex.split(flags)
 
 
 def main() -> int:
@@ -297,6 +331,10 @@ def main() -> int:
     ap.add_argument("--breakdown", action="store_true", help="signed error by direction and phone classes")
     ap.add_argument("--score_tool", type=Path, default=SCORE_TOOL)
     ap.add_argument("--num_threads", type=int, default=2)
+    ap.add_argument("--swap", type=int, default=6, help="corpus-cleaning check: swap this many transcripts (in pairs, "
+                    "between words of one scored language), export with the default flags and count what is flagged "
+                    "(0 = skip)")
+    ap.add_argument("--seed", type=int, default=6, help="seed of the swapped pairs")
     a = ap.parse_args()
     t_start = time.time()
     w, corpus = a.work, a.corpus.resolve()
@@ -350,6 +388,7 @@ def main() -> int:
         write_filtered(read_lines(mfa), langs, mfa_dev)
         rows["raw MFA (phones_mfa.tsv)"] = score(a.score_tool, tool, ref_dev, mfa_dev, w / "score_mfa.json")
 
+    cleaning = swap_check(a, w, corpus, model, nopau, langs, env) if a.swap else None
     print()
     print(table(rows))
     print()
@@ -358,7 +397,11 @@ def main() -> int:
     if a.breakdown:
         for name, r in rows.items():
             print(f"\n== {name}: signed error (ms) by boundary type\n{breakdown(r['errors'])}")
+    if cleaning:
+        print(f"\ncorpus cleaning: {cleaning['swapped_and_flagged']} of {cleaning['swapped']} swapped transcripts "
+              f"flagged, {cleaning['other_rows_flagged']} other rows of {cleaning['rows']} flagged")
     out = {"corpus": str(corpus), "languages": sorted(langs), "scored_rows": n_ref, "epochs": a.epochs,
+           "cleaning": cleaning,
            "model": {k: metrics.get(k) for k in ("test_PER", "test_PER_beam", "valid_PER") if k in metrics},
            "rows": {k: {kk: vv for kk, vv in v.items() if kk != "errors"} for k, v in rows.items()},
            "variants": {n: f for n, f in variants}, "timing_sec": {**timing, "total": round(time.time() - t_start, 1)}}

@@ -17,6 +17,7 @@ run to run, so two exports of one corpus with the same settings are byte-identic
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ from common import frames as F
 from common.mas import mas_frames
 from common.audio import AudioDataset, audio_info, length_buckets
 from common.calibration import Calibration
+from common.review import review_flags
+from common.hmm import FLAT_INITS
+from common.refine import FUSIONS, HMM_INITS
 from common.corpus import read_matcha, read_phones_tsv
 from common.ddp import Shard
 from common.durations import (FORMATS, alignment_record, append_alignment, export_durations, matcha_num_frames,
@@ -88,6 +92,9 @@ class ExportOptions:
     low_conf: float
     max_phone_s: float
     high_per: float
+    flag_rule: str
+    flag_z: float
+    flag_min_rows: int
     refine: bool
     refine_rounds: int
     refine_minutes: float
@@ -112,16 +119,23 @@ class ExportOptions:
     hmm_states: int
     hmm_hop_ms: float
     hmm_delta_ms: float
+    hmm_win_ms: float
     hmm_schedule: list
     hmm_flat_start_schedule: list
     hmm_em_iters: int
     hmm_max_train_hours: float
     hmm_seed: int
     hmm_flat_start_max_s: float
+    hmm_init: str
     hmm_flat_init: str
+    hmm_vad_min_share: float
     hmm_split_trailing_silence: bool
     hmm_tie_min_count: int
+    hmm_variants: list
+    hmm_rounds: int
+    hmm_flat_single: bool
     fusion: str
+    fusion_gate_ms: float
     fusion_first_pass: float
     final_cap: float
     dump_members: bool
@@ -148,13 +162,22 @@ class ExportOptions:
             (self.format in FORMATS, f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}"),
             (0.0 <= self.ctc_weight <= 1.0, f"--ctc_weight must be in [0, 1], got {self.ctc_weight}"),
             (0.0 <= self.hmm_weight <= 1.0, f"--hmm_weight must be in [0, 1], got {self.hmm_weight}"),
-            (self.refine_rounds >= 1, f"--refine_rounds must be >= 1, got {self.refine_rounds}"),
+            (self.refine_rounds >= 0, f"--refine_rounds must be >= 0, got {self.refine_rounds}"),
+            (self.refine_rounds > 0 or self.hmm_weight > 0,
+             "--refine_rounds 0 (no frame classifier) needs the HMM-GMMs: --hmm_weight > 0"),
+            (self.hmm_rounds >= 1, f"--hmm_rounds must be >= 1, got {self.hmm_rounds}"),
+            (isinstance(self.hmm_variants, (list, tuple)) and all(isinstance(v, dict) for v in self.hmm_variants),
+             f"--hmm_variants must be a list of {{key: value}} maps, got {self.hmm_variants!r}"),
             (self.batch_seconds > 0, f"--batch_seconds must be > 0, got {self.batch_seconds}"),
             (self.hop_length > 0, f"--hop_length must be > 0, got {self.hop_length}"),
             (self.limit >= 0 and self.plots >= 0, "--limit and --plots must be >= 0"),
             (self.hmm_states >= 1, f"--hmm_states must be >= 1, got {self.hmm_states}"),
-            (self.fusion in ("mean", "median"), f"--fusion must be mean or median, got {self.fusion!r}"),
-            (self.hmm_flat_init in ("even", "vad"), f"--hmm_flat_init must be even or vad, got {self.hmm_flat_init!r}"),
+            (self.flag_rule in ("corpus", "fixed"), f"--flag_rule must be corpus or fixed, got {self.flag_rule!r}"),
+            (self.fusion in FUSIONS, f"--fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}"),
+            (self.fusion_gate_ms > 0, f"--fusion_gate_ms must be > 0, got {self.fusion_gate_ms}"),
+            (self.hmm_init in HMM_INITS, f"--hmm_init must be one of {', '.join(HMM_INITS)}, got {self.hmm_init!r}"),
+            (self.hmm_flat_init in FLAT_INITS,
+             f"--hmm_flat_init must be one of {', '.join(FLAT_INITS)}, got {self.hmm_flat_init!r}"),
             (self.fusion_first_pass >= 0 and self.final_cap >= 0, "--fusion_first_pass and --final_cap must be >= 0"),
             (self.long_row_s <= 0 or 0 < self.piece_s <= self.long_row_s,
              f"--piece_s must be in (0, --long_row_s], got {self.piece_s} and {self.long_row_s}"),
@@ -261,6 +284,8 @@ class Alignment:
     confidence: np.ndarray
     greedy_per: float
     refine_confidence: np.ndarray | None = None
+    ctc_gap: float = 0.0  # nats per frame the transcript costs against the recognizer's best path (``ctc_gap``)
+    hmm_fit: float | None = None  # the HMM-GMMs' fit gap of the refined alignment (common.hmm.fit_gaps)
     members: dict | None = None  # --dump_members: each refinement member's unit end times, by name
 
     def unit_ends(self) -> np.ndarray:
@@ -383,6 +408,21 @@ def greedy_per(ctc_logp: torch.Tensor, ids: list[int], blank_id: int = BLANK_ID)
 
     hyp = ctc_greedy_decode(ctc_logp[None], torch.ones(1), blank_id=blank_id)[0]
     return error_rate([i for i in ids if i != blank_id], hyp)
+
+
+def ctc_gap(ctc_logp: torch.Tensor, ids: list[int], blank_id: int = BLANK_ID) -> float:
+    """How badly the transcript fits the audio in the recognizer's own terms: nats per frame by which the
+    transcript's CTC log-likelihood falls short of the best path's (about 0 when the recognizer hears the transcript;
+    a wrong transcript costs several nats a frame). Tokens whose id is the blank are not CTC labels."""
+    labels = [i for i in ids if i != blank_id]
+    T = int(ctc_logp.shape[0])
+    if not labels or T == 0:
+        return 0.0
+    lp = ctc_logp.detach().float().cpu()
+    nll = torch.nn.functional.ctc_loss(lp[:, None], torch.tensor([labels]), torch.tensor([T]),
+                                       torch.tensor([len(labels)]), blank=blank_id, reduction="sum")
+    gap = float(nll + lp.max(-1).values.sum()) / T
+    return round(gap, 4) if math.isfinite(gap) else 1e3  # infeasible: as bad as it gets
 
 
 @torch.inference_mode()
@@ -508,7 +548,7 @@ class FirstPass:
                 u, lead, trail = units[k]
                 rows.append(Alignment(it, u, lead, trail, frames[k], sc_.hop_s,
                                       A.token_confidence(ctc_k, it.ids, frames[k], lead, blank),
-                                      greedy_per(ctc_k, it.ids, blank)))
+                                      greedy_per(ctc_k, it.ids, blank), ctc_gap=ctc_gap(ctc_k, it.ids, blank)))
             yield list(idx), rows, scores
 
 
@@ -621,6 +661,8 @@ def export_corpus(opts: ExportOptions) -> dict:
         todo_rels = {it.rel for it in todo}
         audio_s += _write_all([a for a in passed if a.item.rel in todo_rels], opts, align_file, results, failures)
         timing["write_s"] = round(time.time() - t, 2)
+    flags, flag_rule = review_flags(results, opts.flag_rule, opts.flag_z, opts.flag_min_rows, opts.low_conf,
+                                    opts.high_per)
     report = {
         "corpus": str(opts.corpus),
         "model_dir": None if opts.styletts2_asr or opts.first_pass != "recognizer" else str(opts.model_dir),
@@ -633,11 +675,11 @@ def export_corpus(opts: ExportOptions) -> dict:
         "counts": {"success": len(results), "failure": len(failures), "skipped_existing": len(items) - len(todo),
                    "total": len(items)},
         "failures": dict(sorted(failures.items())),
-        "flagged": {rel: r["flags"] for rel, r in sorted(results.items()) if r["flags"]},
-        "flag_rules": {"low_confidence": f"mean phone confidence < {opts.low_conf}",
-                       "long_phone": f"a phone longer than {opts.max_phone_s}s",
-                       "high_per": f"CTC greedy PER vs the transcript > {opts.high_per}%"},
-        "utterances": {rel: {k: r[k] for k in ("confidence", "greedy_per", "frames", "flags")}
+        "flagged": {rel: f for rel, f in sorted(flags.items()) if f},
+        "flag_rules": {**flag_rule, "long_phone": f"a phone longer than {opts.max_phone_s}s"},
+        "utterances": {rel: {**{k: r[k] for k in ("confidence", "greedy_per", "ctc_gap", "hmm_fit",
+                                                   "refine_confidence", "frames") if r.get(k) is not None},
+                             "flags": flags[rel]}
                        for rel, r in sorted(results.items())},
         "refine": refine_stats,
         "calibration": cal_info,
@@ -673,12 +715,14 @@ def _refine(passed: list[Alignment], vocab, device: str, opts: ExportOptions, la
         [a.item.duration_s for a in passed],
         [a.unit_ids() for a in passed], first_ends, len(vocab), cfg, hmm, opts.hmm_weight,
         opts.hmm_flat_start_schedule, device, log, fixed, timing, shard, opts.fusion, opts.fusion_first_pass,
-        [SIL if k == BLANK_ID else t for k, t in enumerate(vocab.tokens)])  # class 0: the edge silence slots
+        [SIL if k == BLANK_ID else t for k, t in enumerate(vocab.tokens)],  # class 0: the edge silence slots
+        opts.hmm_init, opts.fusion_gate_ms / 1000.0, opts.hmm_flat_single)
+    fits = stats.pop("row_fit", None) or [None] * len(passed)
     if opts.final_cap > 0:
         stats["final_capped"] = cap_final_phone([a.units for a in passed], ends, opts.final_cap, SILENCE_TOKENS)
     for i, (a, e, rc) in enumerate(zip(passed, ends, confs)):
         a.frames = F.ends_to_counts(e, int(round(a.item.duration_s / grid_s)), grid_s)
-        a.hop_s, a.refine_confidence = grid_s, rc
+        a.hop_s, a.refine_confidence, a.hmm_fit = grid_s, rc, fits[i]
         if opts.dump_members:
             a.members = {k: v[i] for k, v in members.items() if v[i] is not None}
     return stats
@@ -718,25 +762,18 @@ def _write_all(rows: list[Alignment], opts: ExportOptions, align_file: Path, res
 
 def _write_one(a: Alignment, opts: ExportOptions, align_file: Path) -> dict:
     """One utterance's files: the duration file, its ``alignments.jsonl`` line, its TextGrid; returns its report
-    entry (confidence, greedy PER, frames, review flags)."""
+    entry (the statistics the review flags are drawn from, ``common/review.py``, and the frame total)."""
     it = a.item
     seq, durs = export_durations(a.units, a.frames, asr_frame_s=a.hop_s, num_frames=it.mel_frames,
                                  sample_rate=it.sr, hop_length=opts.hop_length, add_blank=opts.add_blank,
                                  duration_s=it.duration_s)
     unit_ends = a.unit_ends()
     phone_s = np.diff(np.concatenate([[0.0], unit_ends]))
-    flags = []
-    if a.confidence.mean() < opts.low_conf:
-        flags.append("low_confidence")
-    if np.any(phone_s[[t not in SILENCE_TOKENS for t in a.units]] > opts.max_phone_s):
-        flags.append("long_phone")
-    if a.greedy_per > opts.high_per:
-        flags.append("high_per")
     extra = {}
     if a.members:
         extra["member_ends_s"] = {k: [round(float(x), 5) for x in v] for k, v in a.members.items()}
-    if a.refine_confidence is not None:
-        rc = a.refine_confidence[1 if a.lead else 0:][: len(it.ids)]
+    rc = None if a.refine_confidence is None else a.refine_confidence[1 if a.lead else 0:][: len(it.ids)]
+    if rc is not None:
         extra["refine_confidence"] = [round(float(c), 4) for c in rc]
     rec = alignment_record(it.rel, seq, durs, add_blank=opts.add_blank, sample_rate=it.sr,
                            hop_length=opts.hop_length, aligned_tokens=a.units,
@@ -752,7 +789,9 @@ def _write_one(a: Alignment, opts: ExportOptions, align_file: Path) -> dict:
         write_textgrid(tg, [s for s in spans if s.label != SIL], words_from_spans(spans), it.duration_s)
     write_durations(it.out, durs, opts.format)
     return {"confidence": round(float(a.confidence.mean()), 4), "greedy_per": round(a.greedy_per, 2),
-            "frames": int(durs.sum()), "flags": flags}
+            "ctc_gap": a.ctc_gap, "hmm_fit": a.hmm_fit, "frames": int(durs.sum()),
+            "refine_confidence": None if rc is None else round(float(np.mean(rc)), 4),
+            "long_phone": bool(np.any(phone_s[[t not in SILENCE_TOKENS for t in a.units]] > opts.max_phone_s))}
 
 
 def _plot(a: Alignment, scores: torch.Tensor, out_dir: Path) -> None:

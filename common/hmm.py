@@ -35,6 +35,7 @@ LOG2PI = math.log(2 * math.pi)
 VAR_FLOOR = 1e-3
 
 
+FLAT_INITS = ("even", "vad", "auto")
 # Kaldi-like schedule for a flat start: three passes per mixture size, Gaussians doubled up to 8 per state
 FLAT_START_SCHEDULE = (1, 1, 1, 2, 2, 2, 4, 4, 4, 8, 8, 8)
 
@@ -46,6 +47,7 @@ class HMMConfig:
     alignment, the short schedule beat the flat-start one (9.6 vs 10.0 ms)."""
     hop_ms: float = 10.0
     delta_ms: float = 20.0
+    win_ms: float = 25.0  # MFCC analysis window
     states: int = 3
     schedule: tuple = (1, 2, 4, 8, 8)  # Gaussians per state, one re-estimation + re-alignment each
     max_train_hours: float = 2.0  # train on a seeded sample of at most this much audio, then align every row
@@ -53,23 +55,39 @@ class HMMConfig:
     em_iters: int = 3
     sample_rate: int = 16000
     flat_start_max_s: float = 15.0  # a flat start runs on rows up to this long (the longer ones keep the others')
-    flat_init: str = "even"  # a flat start's first segmentation: "even" (every state an equal share: MFA's) or
-    # "vad" (edge silence units first get what an energy detector finds silent at the start/end: energy_flat_start)
+    flat_init: str = "even"  # a flat start's first segmentation: "even" (every state an equal share: MFA's), "vad"
+    # (edge silence units first get what an energy detector finds silent at the start/end: energy_flat_start) or
+    # "auto" (per row: vad where the detector finds more than vad_min_share of the row silent at its edges, as in
+    # single-word field recordings; even elsewhere)
+    vad_min_share: float = 0.35
     silence_ids: tuple = ()  # unit ids that are silence (the export gives the edge slots' and pau's); with none,
     # flat_init and split_trailing_silence change nothing
     split_trailing_silence: bool = False  # a trailing silence unit gets its own model, apart from the leading one
+    tie_min_count: int = 0  # >0: a unit seen fewer times shares the GMMs of the most similar frequent unit
+    # (phonological features, common.phonology.tie_units); 0 = every unit its own models
+    variants: tuple = ()  # an ensemble: one HMM-GMM per entry (a dict of the fields it changes, e.g. the MFCC window),
+    # their boundaries averaged (hmm_ensemble); () = one HMM-GMM with this config
+    rounds: int = 1  # ensemble rounds: every later round re-trains each variant from the previous round's mean
+
+    def variant_configs(self) -> list["HMMConfig"]:
+        """One config per ensemble member (``variants`` applied to this one), or this config alone."""
+        return [dataclasses.replace(self, variants=(), **dict(v)) for v in self.variants] or \
+            [dataclasses.replace(self, variants=())]
+
+    def feature_key(self) -> tuple:
+        return (self.sample_rate, self.hop_ms, self.delta_ms, self.win_ms)
 
 
 class MFCC:
     """1-D waveform -> [T, 39] float32, per-utterance CMVN, T = 1 + len // hop."""
 
-    def __init__(self, sample_rate: int = 16000, hop_ms: float = 10.0, delta_ms: float = 20.0):
+    def __init__(self, sample_rate: int = 16000, hop_ms: float = 10.0, delta_ms: float = 20.0, win_ms: float = 25.0):
         import torchaudio
 
         self.hop_s = hop_ms / 1000.0
         self.mfcc = torchaudio.transforms.MFCC(sample_rate, n_mfcc=13, melkwargs=dict(
-            n_fft=512, win_length=int(0.025 * sample_rate), hop_length=int(round(sample_rate * self.hop_s)),
-            n_mels=23, center=True))
+            n_fft=512, win_length=int(round(win_ms / 1000.0 * sample_rate)),
+            hop_length=int(round(sample_rate * self.hop_s)), n_mels=23, center=True))
         self.win = 2 * max(1, int(round(delta_ms / hop_ms))) + 1
         self._deltas = torchaudio.functional.compute_deltas
 
@@ -174,7 +192,7 @@ def train_align(feats: list[torch.Tensor], unit_ids: list[list[int]], n_units: i
                 init_counts: list[np.ndarray] | None = None, log=None,
                 shard: Shard = SINGLE) -> tuple[list[np.ndarray], dict, StateGMMs]:
     """Viterbi training from ``init_counts`` (frames per unit; None: a flat start), one re-estimation and one
-    re-alignment per ``cfg.schedule`` entry. Returns (frames per unit per utterance, stats, the model). Under
+    re-alignment per ``cfg.schedule`` entry. Returns (frames per state per utterance, stats, the model). Under
     ``shard`` rank 0 re-estimates and shares the model, every process aligns its share."""
     S = cfg.states
     seqs = state_sequences(unit_ids, S)
@@ -205,12 +223,27 @@ def train_align(feats: list[torch.Tensor], unit_ids: list[list[int]], n_units: i
         if log:
             log(f"hmm-gmm pass {p + 1}/{len(cfg.schedule)}: {n_mix} Gaussian(s)/state, state boundaries moved "
                 f"{moved:.2f} frames ({time.time() - t:.1f} s)")
-    return [c.reshape(-1, S).sum(1) for c in counts], stats, model
+    return counts, stats, model
+
+
+def fit_gaps(model: StateGMMs, feats: list[torch.Tensor], seqs: list[torch.Tensor],
+             state_counts: list[np.ndarray], frames_per_batch: int = 30000) -> list[float]:
+    """Per utterance, how much worse its forced alignment explains its frames than the best state of the whole
+    model does, frame by frame: the mean over frames of ``max_s log p(x_t|s) - log p(x_t|aligned state)`` (a
+    goodness-of-pronunciation score over the row; a wrong transcript forces frames into states that do not fit)."""
+    used = torch.unique(torch.cat(seqs))
+    out = []
+    for f, s, c in zip(feats, seqs, state_counts):
+        best = model.loglik(f, used).max(0).values
+        pos = torch.from_numpy(np.repeat(np.arange(len(s)), c))
+        aligned = model.loglik(f, s)[pos, torch.arange(f.shape[0])]
+        out.append(round(float((best - aligned).mean()), 4))
+    return out
 
 
 def features(load_wav, n_utts: int, cfg: HMMConfig) -> tuple[list[torch.Tensor], list[float]]:
     """MFCC features and durations (s) of ``load_wav(i)`` (waveforms at ``cfg.sample_rate``), i < n_utts."""
-    fx = MFCC(cfg.sample_rate, cfg.hop_ms, cfg.delta_ms)
+    fx = MFCC(cfg.sample_rate, cfg.hop_ms, cfg.delta_ms, cfg.win_ms)
     feats, durations = [], []
     for i in range(n_utts):
         w = load_wav(i)
@@ -242,16 +275,18 @@ def speech_span(c0: np.ndarray, min_run: int = 3) -> tuple[int, int] | None:
     return int(starts[keep][0]), int(ends[keep][-1] - 1)
 
 
-def energy_flat_start(feat: torch.Tensor, units: list[int], silence_ids, states: int) -> np.ndarray:
+def energy_flat_start(feat: torch.Tensor, units: list[int], silence_ids, states: int,
+                      min_share: float = 0.0) -> np.ndarray:
     """Frames per unit for a flat start that knows where the speech is: a leading (trailing) silence unit gets the
     frames before (after) the speech span ``speech_span`` finds on the features' c0, the other units share the rest
-    evenly (each unit >= ``states`` frames where possible); an even split when there is no such span."""
+    evenly (each unit >= ``states`` frames where possible); an even split when there is no such span, or when what
+    lies outside it is less than ``min_share`` of the row."""
     T, U = feat.shape[0], len(units)
     even = np.diff(np.linspace(0, T, U + 1).round().astype(np.int64))
     sil = set(int(s) for s in silence_ids)
     lead, trail = bool(U) and units[0] in sil, U > 1 and units[-1] in sil
     span = speech_span(feat[:, 0].numpy())
-    if span is None or not (lead or trail):
+    if span is None or not (lead or trail) or 1.0 - (span[1] + 1 - span[0]) / T < min_share:
         return even
     a, b = span[0] if lead else 0, span[1] + 1 if trail else T
     inner = U - lead - trail
@@ -266,15 +301,17 @@ def energy_flat_start(feat: torch.Tensor, units: list[int], silence_ids, states:
 
 def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: list[list[int]],
                 init_ends_s: list[np.ndarray] | None, n_units: int, cfg: HMMConfig | None = None,
-                log=None, timing: dict | None = None, shard: Shard = SINGLE) -> tuple[list[np.ndarray | None], dict]:
+                log=None, timing: dict | None = None, shard: Shard = SINGLE,
+                row_fit: bool = False) -> tuple[list[np.ndarray | None], dict]:
     """Viterbi-train on ``feats`` (``features()``, at ``cfg.hop_ms``) and re-align: ``unit_ids[i]`` are utterance
     ``i``'s unit class ids (< ``n_units``), ``init_ends_s[i]`` their end times (s) to start from (None: a flat
     start). Returns (unit end times (s) per utterance, None for one with fewer frames than states, stats); the
-    wall-clock seconds go to ``timing["seconds"]``."""
+    wall-clock seconds go to ``timing["seconds"]``. ``row_fit``: ``stats["row_fit"]`` holds each row's fit gap
+    under the final model (``fit_gaps``)."""
     cfg = cfg or HMMConfig()
     t0 = time.time()
-    if cfg.flat_init not in ("even", "vad"):
-        raise ValueError(f"flat_init must be 'even' or 'vad', got {cfg.flat_init!r}")
+    if cfg.flat_init not in FLAT_INITS:
+        raise ValueError(f"flat_init must be one of {FLAT_INITS}, got {cfg.flat_init!r}")
     if cfg.split_trailing_silence and cfg.silence_ids:  # the trailing silence unit becomes class n_units
         sil = set(int(x) for x in cfg.silence_ids)
         unit_ids = [list(u[:-1]) + [n_units] if len(u) > 1 and u[-1] in sil else list(u) for u in unit_ids]
@@ -286,7 +323,10 @@ def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: lis
     ok = [i for i, (f, u) in enumerate(zip(feats, unit_ids)) if f.shape[0] >= cfg.states * len(u)]
     stats: dict = {"skipped_too_fast": n_utts - len(ok)}
     out: list[np.ndarray | None] = [None] * n_utts
-    if init_ends_s is None:
+    if init_ends_s is not None:
+        ok = [i for i in ok if init_ends_s[i] is not None]  # rows without a start (an ensemble's earlier round
+        stats["skipped_no_start"] = n_utts - stats["skipped_too_fast"] - len(ok)  # skipped them) stay out
+    else:
         # a flat start (an even split of each row) is a usable first segmentation of a sentence, not of a long
         # stretch of speech, where it lands far from the phones: it runs on rows up to flat_start_max_s only
         ok = [i for i in ok if durations[i] <= cfg.flat_start_max_s]
@@ -296,8 +336,9 @@ def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: lis
         train, acc = sample_hours(ok, durations, cfg.max_train_hours, cfg.seed)
         if init_ends_s is not None:
             init = [F.ends_to_counts(init_ends_s[i], feats[i].shape[0], hop_s) for i in train]
-        elif cfg.flat_init == "vad":
-            init = [energy_flat_start(feats[i], unit_ids[i], cfg.silence_ids, cfg.states) for i in train]
+        elif cfg.flat_init != "even":
+            min_share = 0.0 if cfg.flat_init == "vad" else cfg.vad_min_share
+            init = [energy_flat_start(feats[i], unit_ids[i], cfg.silence_ids, cfg.states, min_share) for i in train]
         else:
             init = None
         counts, st, model = train_align([feats[i] for i in train], [unit_ids[i] for i in train], n_units, cfg, init,
@@ -305,11 +346,86 @@ def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: lis
         stats.update(st, train_utts=len(train), train_audio_s=round(acc, 1))
         rest = sorted(set(ok) - set(train))
         if rest:
-            fr = viterbi(model, [feats[i] for i in rest], state_sequences([unit_ids[i] for i in rest], cfg.states),
-                         shard=shard)
-            counts = counts + [c.reshape(-1, cfg.states).sum(1) for c in fr]
+            counts = counts + viterbi(model, [feats[i] for i in rest],
+                                      state_sequences([unit_ids[i] for i in rest], cfg.states), shard=shard)
         for i, c in zip(train + rest, counts):
-            out[i] = F.frame_ends_seconds(c, hop_s, durations[i])
+            out[i] = F.frame_ends_seconds(c.reshape(-1, cfg.states).sum(1), hop_s, durations[i])
+        if row_fit:  # per row (None where not aligned): common.review's goodness-of-fit statistic
+            fits = fit_gaps(model, [feats[i] for i in train + rest],
+                            state_sequences([unit_ids[i] for i in train + rest], cfg.states), counts)
+            stats["row_fit"] = [None] * n_utts
+            for i, g in zip(train + rest, fits):
+                stats["row_fit"][i] = g
     if timing is not None:
         timing["seconds"] = round(time.time() - t0, 2)
     return out, stats
+
+
+def mean_ends(sets: list[list[np.ndarray | None]]) -> list[np.ndarray | None]:
+    """Per utterance, the mean of the unit end times of the sets that have it (None where none has)."""
+    out = []
+    for i in range(len(sets[0])):
+        have = [s[i] for s in sets if s[i] is not None]
+        out.append(np.mean(np.stack(have), axis=0) if have else None)
+    return out
+
+
+class FeatureBank:
+    """The MFCC features every ensemble member needs, computed once per distinct (rate, hop, delta, window) from one
+    read of each waveform: ``bank.add(wav)`` per utterance in order, ``bank[cfg]`` the list for a config."""
+
+    def __init__(self, configs: list[HMMConfig]):
+        self.extractors = {c.feature_key(): MFCC(c.sample_rate, c.hop_ms, c.delta_ms, c.win_ms) for c in configs}
+        self.feats: dict[tuple, list[torch.Tensor]] = {k: [] for k in self.extractors}
+
+    def add(self, wav: torch.Tensor) -> None:
+        for k, fx in self.extractors.items():
+            self.feats[k].append(fx(wav))
+
+    def __getitem__(self, cfg: HMMConfig) -> list[torch.Tensor]:
+        return self.feats[cfg.feature_key()]
+
+
+@dataclass
+class Ensemble:
+    """What ``hmm_ensemble`` gives: per utterance (None where it was not aligned) the members' mean unit end times
+    after the last round (``ends``) and the first member's after the first round (``first``: one plain HMM-GMM
+    alignment, before the rounds pull it towards the other members); ``row_fit``, each row's fit gap under the last
+    round's first member (``fit_gaps``); ``stats``, per round and member."""
+    ends: list
+    first: list
+    row_fit: list
+    stats: dict
+
+
+def hmm_ensemble(bank: FeatureBank, durations: list[float], unit_ids: list[list[int]],
+                 init_ends_s: list[np.ndarray] | None, n_units: int, cfg: HMMConfig, later_schedule=None, log=None,
+                 timing: dict | None = None, shard: Shard = SINGLE) -> Ensemble:
+    """``hmm_realign`` once per member of ``cfg.variant_configs()`` (features from ``bank``), their unit end times
+    averaged; ``cfg.rounds`` > 1: every later round re-trains each member from the previous round's mean with
+    ``later_schedule`` (default ``cfg.schedule``). Averaging members whose features differ (the MFCC window, the
+    delta span, the number of states) cancels part of each one's own boundary error."""
+    t0 = time.time()
+    members = cfg.variant_configs()
+    rounds = max(1, cfg.rounds)
+    stats: dict = {"members": len(members), "rounds": rounds, "runs": []}  # runs: round by round
+    init, first, row_fit = init_ends_s, None, None
+    ends: list[np.ndarray | None] = [None] * len(durations)
+    for r in range(rounds):
+        sets = []
+        for k, m in enumerate(members):
+            if r > 0:
+                m = dataclasses.replace(m, schedule=tuple(later_schedule or cfg.schedule))
+            last = r == rounds - 1 and k == 0
+            e, st = hmm_realign(bank[m], durations, unit_ids, init, n_units, m, log, None, shard, row_fit=last)
+            if last:
+                row_fit = st.pop("row_fit")
+            if r == 0 and k == 0:
+                first = e
+            sets.append(e)
+            stats["runs"].append(st)
+        ends = mean_ends(sets)
+        init = ends  # a row no member aligned (None) is left out of later rounds
+    if timing is not None:
+        timing["seconds"] = round(time.time() - t0, 2)
+    return Ensemble(ends, first, row_fit, stats)

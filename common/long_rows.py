@@ -192,9 +192,14 @@ def join(item, parts: list, pieces: list[Piece], grid_s: float = 0.001):
     first, last = parts[0], parts[-1]
     n_tok = sum(len(a.item.ids) for a in parts)
     per = sum(a.greedy_per * len(a.item.ids) for a in parts) / max(n_tok, 1)
+    secs = max(sum(a.item.duration_s for a in parts), 1e-9)
+    gap = sum(a.ctc_gap * a.item.duration_s for a in parts) / secs
+    fit = None if any(a.hmm_fit is None for a in parts) else \
+        round(sum(a.hmm_fit * a.item.duration_s for a in parts) / secs, 4)
     frames = F.ends_to_counts(e, int(round(item.duration_s / grid_s)), grid_s)
     return dataclasses.replace(first, item=item, units=units, lead=first.lead, trail=last.trail, frames=frames,
-                               hop_s=grid_s, confidence=np.concatenate(conf), greedy_per=per,
+                               hop_s=grid_s, confidence=np.concatenate(conf), greedy_per=per, ctc_gap=round(gap, 4),
+                               hmm_fit=fit,
                                refine_confidence=np.concatenate(rconf) if rconf else None)
 
 

@@ -71,6 +71,7 @@ class RefineConfig:
     margin_decay: float = 1.0  # the margin is multiplied by this each round
     seed: int = 0
     sample_rate: int = 16000
+    phone_features: bool = False  # token logits share a projection of the tokens' phonological features
 
 
 class FrameClassifier(nn.Module):
@@ -78,7 +79,8 @@ class FrameClassifier(nn.Module):
     kernel 5, a 65 ms receptive field at 5 ms frames). Convolutions only: on CPU they train several times faster
     than a recurrent layer of the same size."""
 
-    def __init__(self, n_tokens: int, n_mels: int = 80, channels: int = 96, dilations=(1, 1), kernel: int = 5):
+    def __init__(self, n_tokens: int, n_mels: int = 80, channels: int = 96, dilations=(1, 1), kernel: int = 5,
+                 unit_feats: np.ndarray | None = None):
         kernel = max(1, kernel | 1)  # odd: 'same' padding
         super().__init__()
         self.inp = nn.Sequential(nn.Conv1d(n_mels, channels, kernel, padding=kernel // 2),
@@ -87,13 +89,22 @@ class FrameClassifier(nn.Module):
             nn.Sequential(nn.Conv1d(channels, channels, kernel, padding=d * (kernel // 2), dilation=d),
                           nn.BatchNorm1d(channels), nn.ReLU()) for d in dilations)
         self.out = nn.Conv1d(channels, n_tokens, 1)
+        # phonological features (common.phonology): a token's logit is its own output plus a projection of its
+        # features, so phones with few frames learn from the phones that share their features
+        self.feat_out = None
+        if unit_feats is not None:
+            self.register_buffer("unit_feats", torch.as_tensor(np.asarray(unit_feats), dtype=torch.float32))
+            self.feat_out = nn.Conv1d(channels, self.unit_feats.shape[1], 1, bias=False)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, n_mels] (padding frames are zeros) -> logits [B, T, n_tokens]."""
         h = self.inp(x.transpose(1, 2))
         for blk in self.blocks:
             h = h + blk(h)
-        return self.out(h).transpose(1, 2)
+        y = self.out(h)
+        if self.feat_out is not None:
+            y = y + torch.einsum("bdt,kd->bkt", self.feat_out(h), self.unit_feats)
+        return y.transpose(1, 2)
 
 
 class Features:
@@ -230,12 +241,14 @@ def realign(model: FrameClassifier, feats: list[torch.Tensor], unit_ids: list[li
 
 def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[np.ndarray], n_tokens: int,
            cfg: RefineConfig, device: str = "cpu", log=None, fixed_ends_s: dict[int, np.ndarray] | None = None,
-           timing: dict | None = None, shard: Shard = SINGLE) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
+           timing: dict | None = None, shard: Shard = SINGLE, class_names: list[str] | None = None
+           ) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
     """The whole loop. ``load_wav(i)`` gives utterance ``i``'s waveform at ``cfg.sample_rate`` (read once; only its
     features are kept, in fp16: ~1.2 GB per 10 hours); ``first_ends_s[i]`` the end time (s) of each of its
     ``unit_ids[i]`` (class ids < ``n_tokens``). ``fixed_ends_s[i]``: hand-checked unit end times of utterance
     ``i``; its training labels stay those in every round, with no unsure margin (semi-supervised: the classifier
-    learns where the labeller puts boundaries). Returns (per-unit frame counts at ``cfg.hop_ms``, per-unit
+    learns where the labeller puts boundaries). ``class_names[k]``: the token of class ``k``, for
+    ``cfg.phone_features`` (``common.phonology``). Returns (per-unit frame counts at ``cfg.hop_ms``, per-unit
     confidence = mean classifier posterior over its frames, stats); wall-clock seconds go to ``timing``."""
     torch.manual_seed(cfg.seed)
     t0 = time.time()
@@ -250,7 +263,15 @@ def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[
     fixed = {i: np.asarray(e, dtype=np.float64) for i, e in (fixed_ends_s or {}).items()}
     if fixed:
         train_idx = sorted(set(train_idx) | set(fixed))
-    model = FrameClassifier(n_tokens, feats[0].shape[1], cfg.channels, tuple(cfg.dilations), cfg.kernel).to(device)
+    unit_feats = None
+    if cfg.phone_features:
+        if class_names is None or len(class_names) != n_tokens:
+            raise ValueError("phone_features needs the token name of every class (class_names)")
+        from common.phonology import unit_features
+
+        unit_feats = unit_features(class_names)
+    model = FrameClassifier(n_tokens, feats[0].shape[1], cfg.channels, tuple(cfg.dilations), cfg.kernel,
+                            unit_feats).to(device)
     ends = [fixed.get(i, np.asarray(e, dtype=np.float64)) for i, e in enumerate(first_ends_s)]
     stats = {"rounds": [], "train_utts": len(train_idx), "train_audio_s": round(acc, 1), "fixed_utts": len(fixed)}
     if timing is not None:
@@ -291,15 +312,19 @@ def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[
 # The export's refinement: the frame classifier, then two HMM-GMMs, fused
 # --------------------------------------------------------------------------------------------------------------------
 FUSION_GRID_S = 0.001  # fused boundaries are kept on a 1 ms grid
-FUSIONS = ("mean", "median")
+FUSIONS = ("mean", "median", "gated")
+HMM_INITS = ("classifier", "first_pass")  # what the HMM-GMM that is not flat-started is trained from
 
 
-def fuse_boundaries(members: list[tuple[float, list]], fallback: list[np.ndarray], how: str = "mean"
-                    ) -> list[np.ndarray]:
+def fuse_boundaries(members: list[tuple[float, list]], fallback: list[np.ndarray], how: str = "mean",
+                    gate_s: float = 0.04) -> list[np.ndarray]:
     """Per utterance, the members' unit end times fused (``members``: ``(weight, ends per utterance)``, an entry
     None where that member skipped the utterance): ``mean``, the weighted mean; ``median``, the median of the
     members with a weight > 0, boundary by boundary (robust to one member that is far off, e.g. a flat start that
-    learnt silence as a phone). ``fallback[i]`` where no member has utterance ``i``."""
+    learnt silence as a phone); ``gated``, boundary by boundary the weighted mean of the members within ``gate_s``
+    of the members' median (a member's vote counts where it is near the others: where one is far off, a gross
+    error of that member, it is left out; elsewhere it is the mean). ``fallback[i]`` where no member has utterance
+    ``i``."""
     if how not in FUSIONS:
         raise ValueError(f"fusion must be one of {FUSIONS}, got {how!r}")
     out = []
@@ -307,11 +332,17 @@ def fuse_boundaries(members: list[tuple[float, list]], fallback: list[np.ndarray
         have = [(w, m[i]) for w, m in members if w > 0 and m[i] is not None]
         if not have:
             out.append(base)
-        elif how == "median":
-            out.append(np.maximum.accumulate(np.median(np.stack([m for _, m in have]), axis=0)))
-        else:
-            total = sum(w for w, _ in have)
-            out.append(sum(w * m for w, m in have) / total)
+            continue
+        X, w = np.stack([m for _, m in have]), np.asarray([w for w, _ in have], dtype=np.float64)[:, None]
+        if how == "mean":
+            out.append((w * X).sum(0) / w.sum())
+            continue
+        med = np.median(X, axis=0)
+        if how == "gated":
+            near = np.abs(X - med) <= gate_s + 1e-9
+            wn = (w * near).sum(0)
+            med = np.where(wn > 0, (w * near * X).sum(0) / np.maximum(wn, 1e-12), med)
+        out.append(np.maximum.accumulate(med))
     return out
 
 
@@ -349,45 +380,89 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
                       flat_start_schedule=None, device: str = "cpu", log=None,
                       fixed_ends_s: dict[int, np.ndarray] | None = None, timing: dict | None = None,
                       shard: Shard = SINGLE, fusion: str = "mean", first_pass_weight: float = 0.0,
+                      class_names: list[str] | None = None, hmm_init: str = "classifier", gate_s: float = 0.04,
+                      flat_single: bool = False,
                       ) -> tuple[list[np.ndarray], float, list[np.ndarray], dict, dict[str, list]]:
-    """Refine every utterance's first-pass boundaries: ``refine`` (the frame classifier); then, when
-    ``hmm_weight`` > 0, two HMM-GMMs (``common.hmm``, config ``hmm``), one Viterbi-trained from the classifier's
-    alignment and one from a flat start (``flat_start_schedule``; it shares none of the classifier's errors); the
-    boundaries are fused (``fuse_boundaries``, ``fusion``) with weights ``1 - hmm_weight`` for the classifier,
-    ``hmm_weight / 2`` for each HMM and ``first_pass_weight`` for the first pass itself. ``load_wav(i)``: utterance
-    ``i`` at ``cfg.sample_rate`` (read once for every pass). Returns (unit end times per utterance, the grid (s)
-    they are on: the classifier's hop, or 1 ms when fused; the classifier's per-unit confidence; stats; each
-    member's end times by name). Wall-clock seconds per stage go to ``timing``. Under ``shard`` (a torchrun export)
-    the classifier and the HMM-GMMs are trained by rank 0 and shared, and each process aligns its share of the
-    batches."""
-    from common.hmm import FLAT_START_SCHEDULE, MFCC, hmm_realign
+    """Refine every utterance's first-pass boundaries: ``refine`` (the frame classifier; skipped when
+    ``cfg.rounds`` is 0: the HMM-GMMs then start from the first pass); then, when ``hmm_weight`` > 0, two HMM-GMM
+    alignments (``common.hmm``, config ``hmm``; each an ensemble of ``hmm.variants`` over ``hmm.rounds``,
+    ``common.hmm.hmm_ensemble``), one Viterbi-trained from an alignment we have (``hmm_init``: the classifier's, or
+    the first pass's; without the classifier always the first pass's) and one from a flat start
+    (``flat_start_schedule``; it shares none of the recognizer's or the classifier's errors); the boundaries are
+    fused (``fuse_boundaries``, ``fusion``, ``gate_s``) with weights ``1 - hmm_weight`` for the classifier,
+    ``hmm_weight`` shared equally by the HMM-GMM alignments and ``first_pass_weight`` for the first pass itself;
+    ``flat_single``: the flat-start ensemble's first plain HMM-GMM (first variant, first round: MFA's monophone
+    stage, ``common.hmm.Ensemble.first``) is a member of its own too; before the rounds pull it towards the other
+    variants it shares nothing with the recognizer or the other members. With
+    ``hmm.tie_min_count``, rare units share a frequent similar unit's GMMs (``common.phonology.tie_units``, from
+    ``class_names``). ``load_wav(i)``: utterance ``i`` at ``cfg.sample_rate`` (read once for every pass). Returns
+    (unit end times per utterance, the grid (s) they are on: the classifier's hop, or 1 ms when fused; the
+    classifier's per-unit confidence (None without it); stats, with the HMM-GMMs' per-row fit gap ``row_fit``; each
+    member's end times by name). Wall-clock seconds
+    per stage go to ``timing``. Under ``shard`` (a torchrun export) the classifier and the HMM-GMMs are trained by
+    rank 0 and shared, and each process aligns its share of the batches."""
+    from common.hmm import FLAT_START_SCHEDULE, FeatureBank, hmm_ensemble
 
     timing = {} if timing is None else timing
-    mfcc = MFCC(hmm.sample_rate, hmm.hop_ms, hmm.delta_ms) if hmm is not None and hmm_weight > 0 else None
-    mfccs: list = [None] * len(durations)
+    use_hmm = hmm is not None and hmm_weight > 0
+    if cfg.rounds <= 0 and not use_hmm:
+        raise ValueError("refinement needs the frame classifier (rounds > 0) or the HMM-GMMs (hmm_weight > 0)")
+    bank = FeatureBank(hmm.variant_configs()) if use_hmm else None
 
-    def load(i: int) -> torch.Tensor:  # the audio is read once for both passes
+    def load(i: int) -> torch.Tensor:  # the audio is read once for every pass
         w = load_wav(i)
-        if mfcc is not None:
-            mfccs[i] = mfcc(w)
+        if bank is not None:
+            bank.add(w)
         return w
 
-    counts, confs, stats = refine(load, len(durations), unit_ids, first_ends_s, n_tokens, cfg, device, log,
-                                  fixed_ends_s, timing, shard)
-    hop_s = cfg.hop_ms / 1000.0
-    ends = [F.frame_ends_seconds(c, hop_s, t) for c, t in zip(counts, durations)]
-    named = {"first_pass": list(first_ends_s), "classifier": ends}
-    if mfcc is None:
-        return ends, hop_s, confs, stats, named
+    named = {"first_pass": list(first_ends_s)}
+    if cfg.rounds > 0:
+        counts, confs, stats = refine(load, len(durations), unit_ids, first_ends_s, n_tokens, cfg, device, log,
+                                      fixed_ends_s, timing, shard, class_names)
+        hop_s = cfg.hop_ms / 1000.0
+        ends = [F.frame_ends_seconds(c, hop_s, t) for c, t in zip(counts, durations)]
+        named["classifier"] = ends
+        if not use_hmm:
+            return ends, hop_s, confs, stats, named
+        weight = 1.0 - hmm_weight
+    else:  # no classifier: the HMM-GMMs start from the first pass
+        t = time.time()
+        for i in range(len(durations)):
+            load(i)
+        timing["hmm_features_s"] = round(time.time() - t, 2)
+        ends, confs, stats, weight = list(first_ends_s), [None] * len(durations), {}, 0.0
     stats["hmm"] = {}
-    members = [(1.0 - hmm_weight, ends), (first_pass_weight, list(first_ends_s))]
-    schedules = (("from_refined", ends, tuple(hmm.schedule)),
+    hmm_ids = unit_ids
+    if hmm.tie_min_count > 0:  # rare units share the GMMs of a frequent unit with similar features
+        if class_names is None:
+            raise ValueError("tie_min_count needs the token name of every class (class_names)")
+        from common.phonology import tie_units
+
+        occ = np.bincount(np.concatenate([np.asarray(u, dtype=np.int64) for u in unit_ids]), minlength=n_tokens)
+        tied = tie_units(class_names, occ, hmm.tie_min_count)
+        hmm_ids = [tied[np.asarray(u, dtype=np.int64)].tolist() for u in unit_ids]
+        stats["hmm_tied_units"] = int((tied != np.arange(n_tokens)).sum())
+    if hmm_init not in HMM_INITS:
+        raise ValueError(f"hmm_init must be one of {HMM_INITS}, got {hmm_init!r}")
+    start = ("from_classifier", ends) if hmm_init == "classifier" and cfg.rounds > 0 else \
+        ("from_first_pass", list(first_ends_s))
+    members = [(weight, ends), (first_pass_weight, list(first_ends_s))]
+    schedules = (start + (tuple(hmm.schedule),),
                  ("flat_start", None, tuple(flat_start_schedule or FLAT_START_SCHEDULE)))
+    fits, hmm_members = [], []
     for name, init, sched in schedules:
         t = {}
-        h, stats["hmm"][name] = hmm_realign(mfccs, durations, unit_ids, init, n_tokens,
-                                            dataclasses.replace(hmm, schedule=sched), log, t, shard)
-        timing[f"hmm_{name}_s"] = t.get("seconds")
-        members.append((hmm_weight / 2.0, h))
-        named[f"hmm_{name}"] = h
-    return fuse_boundaries(members, ends, fusion), FUSION_GRID_S, confs, stats, named
+        ens = hmm_ensemble(bank, durations, hmm_ids, init, n_tokens, dataclasses.replace(hmm, schedule=sched),
+                           hmm.schedule, log, t, shard)
+        stats["hmm"][name], timing[f"hmm_{name}_s"] = ens.stats, t.get("seconds")
+        fits.append(ens.row_fit)
+        hmm_members.append((f"hmm_{name}", ens.ends))
+        if name == "flat_start" and flat_single and (len(hmm.variant_configs()) > 1 or hmm.rounds > 1):
+            hmm_members.append(("hmm_flat_start_single", ens.first))
+    for name, h in hmm_members:  # the HMM-GMM weight, shared equally
+        members.append((hmm_weight / len(hmm_members), h))
+        named[name] = h
+    # each row's HMM-GMM fit gap (common.hmm.fit_gaps), the mean of the two alignments': for the review flags
+    have = [[f[i] for f in fits if f[i] is not None] for i in range(len(durations))]
+    stats["row_fit"] = [round(float(np.mean(h)), 4) if h else None for h in have]
+    return fuse_boundaries(members, ends, fusion, gate_s), FUSION_GRID_S, confs, stats, named

@@ -108,10 +108,16 @@ def test_pt_layout_sums_to_matcha_mels(corpus_copy):
     assert len(rep["refine"]["rounds"]) == 8 and rep["refine"]["train_utts"] == len(lens)
     assert all(len(a["refine_confidence"]) == len(a["confidence"]) and 0 <= min(a["refine_confidence"])
                and max(a["refine_confidence"]) <= 1 for a in al.values())
-    # ... then the two HMM-GMM passes (common/hmm.py); the averaged boundaries lie on a 1 ms grid
+    # ... then the two HMM-GMM alignments (common/hmm.py), each an ensemble of 3 variants over 2 rounds: one from
+    # the first pass, one from a flat start; the fused boundaries lie on a 1 ms grid
     hmm = rep["refine"]["hmm"]
-    assert len(hmm["from_refined"]["passes"]) == 5 and len(hmm["flat_start"]["passes"]) == 12
-    assert all(h["skipped_too_fast"] == 0 and h["frames"] > 0 for h in hmm.values())
+    assert set(hmm) == {"from_first_pass", "flat_start"}
+    assert all(e["members"] == 3 and e["rounds"] == 2 and len(e["runs"]) == 6 for e in hmm.values())
+    assert len(hmm["from_first_pass"]["runs"][0]["passes"]) == 5 and len(hmm["flat_start"]["runs"][0]["passes"]) == 12
+    assert len(hmm["flat_start"]["runs"][3]["passes"]) == 5  # later rounds: the short schedule from the mean
+    assert all(h["skipped_too_fast"] == 0 and h["frames"] > 0 for e in hmm.values() for h in e["runs"])
+    # the review statistics: the HMM-GMM fit of every row beside the recognizer's
+    assert all(u["hmm_fit"] > -1e-6 and "ctc_gap" in u for u in rep["utterances"].values())
     assert not _on_grid(al, 0.005) and _on_grid(al, 0.001)
     assert len(list((corpus / "durations" / "plots").glob("*.png"))) == 1
     # a second run skips everything; --no_add_blank gives one count per token

@@ -1,7 +1,10 @@
 """HMM-GMM Viterbi training (common/hmm.py): frame bookkeeping, GMM fitting, and alignment of tone "phones"."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import pytest
 import torch
 
 from common.frames import ends_to_counts, frame_ends_seconds
@@ -106,3 +109,42 @@ def test_energy_flat_start_keeps_phones_out_of_long_edge_silences():
     feats, durs = features(lambda i: wavs[i], len(wavs), cfg)
     ends, _ = hmm_realign(feats, durs, units, None, len(TONE_FREQS) + 1, cfg)
     assert all(len(e) == len(u) for e, u in zip(ends, units)) and mean_inner_error_ms(ends, true_ends) < 12
+
+
+def test_ensemble_and_flat_start_pull_a_late_first_pass_back_to_the_sound_change():
+    """The export's HMM-GMM refinement without the frame classifier (refine_rounds 0): an ensemble of HMM-GMMs
+    whose MFCCs differ (window, delta span) re-trained from the first pass, fused with one from an energy-informed
+    flat start. A first pass 25 ms late at every boundary comes back to the tone changes."""
+    from common.hmm import FeatureBank, hmm_ensemble
+    from common.refine import RefineConfig, refine_boundaries
+    from tests.utils import tone_words
+
+    wavs, units, true_ends = tone_words(30, seed=4)
+    durs = [len(w) / TONE_SR for w in wavs]
+    late = [np.r_[e[:-1] + 0.025, e[-1]] for e in true_ends]
+
+    def signed_ms(ends):
+        return 1000 * float(np.mean(np.concatenate([a[:-1] - b[:-1] for a, b in zip(ends, true_ends)])))
+
+    variants = ({"win_ms": 25.0, "states": 4}, {"win_ms": 15.0, "states": 4},
+                {"win_ms": 20.0, "delta_ms": 10.0, "states": 4})
+    cfg = HMMConfig(sample_rate=TONE_SR, silence_ids=(0,), variants=variants, rounds=2, flat_init="vad",
+                    split_trailing_silence=True)
+    bank = FeatureBank(cfg.variant_configs())
+    for w in wavs:
+        bank.add(w)
+    assert len(bank.feats) == 3 and bank[cfg.variant_configs()[1]][0].shape[1] == 39
+    one = hmm_ensemble(bank, durs, units, late, len(TONE_FREQS) + 1, dataclasses.replace(cfg, variants=(), rounds=1))
+    ens = hmm_ensemble(bank, durs, units, late, len(TONE_FREQS) + 1, cfg)
+    assert ens.stats["members"] == 3 and len(ens.stats["runs"]) == 6 and len(ens.row_fit) == len(wavs)
+    assert all(np.array_equal(a, b) for a, b in zip(one.ends, one.first))  # one member, one round: the same
+    assert signed_ms(ens.ends) < signed_ms(one.ends) - 3  # the second round moves further back (19.5 -> 14.8 ms)
+    ends, grid, confs, stats, named = refine_boundaries(
+        lambda i: wavs[i], durs, units, late, len(TONE_FREQS) + 1, RefineConfig(rounds=0, sample_rate=TONE_SR),
+        cfg, 1.0, hmm_init="first_pass", flat_single=True)
+    assert grid == 0.001 and confs == [None] * len(wavs) and "rounds" not in stats
+    assert set(named) == {"first_pass", "hmm_from_first_pass", "hmm_flat_start", "hmm_flat_start_single"}
+    assert len(stats["row_fit"]) == len(wavs) and all(f >= 0 for f in stats["row_fit"])
+    assert mean_inner_error_ms(late, true_ends) == pytest.approx(25.0)
+    assert mean_inner_error_ms(ends, true_ends) < 11 and abs(signed_ms(ends)) < 11  # measured 7.8 / +7.8 ms
+    assert abs(signed_ms(named["hmm_flat_start"])) < 4  # the flat start knows nothing of the late start
