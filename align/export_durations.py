@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import config  # noqa: E402
-from common.ddp import close_process_group  # noqa: E402
+from common.ddp import close_process_group, exit_process  # noqa: E402
 from common.export import DEFAULT_YAML, export_corpus, load_options  # noqa: E402
 from common.io import UserError, cli  # noqa: E402
 
@@ -56,4 +56,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

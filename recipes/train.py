@@ -41,7 +41,7 @@ from common import styletts2 as S  # noqa: E402
 from common.audio import load_audio  # noqa: E402
 from common.batching import device_overrides  # noqa: E402
 from common.checkpoint import average_last_checkpoints  # noqa: E402
-from common.ddp import LocalBatchNormDDP, close_process_group, gloo_without_cuda, world_size  # noqa: E402
+from common.ddp import LocalBatchNormDDP, close_process_group, exit_process, gloo_without_cuda, world_size  # noqa: E402
 from common.finetune import check_finetune_args, setup_finetune  # noqa: E402
 from common.frames import num_feature_frames  # noqa: E402
 from common.io import UserError, cli, read_manifest, write_json  # noqa: E402
@@ -460,4 +460,4 @@ if __name__ == "__main__":
         rc = main()
     finally:
         close_process_group()
-    sys.exit(rc)
+    exit_process(rc)
