@@ -32,7 +32,6 @@ from common import first_pass as A
 from common import long_rows
 from common import units as U
 from common import frames as F
-from common.mas import mas_frames
 from common.audio import AudioDataset, audio_info, length_buckets
 from common.calibration import Calibration
 from common.review import review_flags
@@ -213,6 +212,7 @@ def load_options(overrides: dict | None = None, yaml_path: str | Path = DEFAULT_
     """``hparams/export.yaml`` with ``overrides`` (top-level keys) -> ``ExportOptions`` (checked)."""
     from common import config
 
+    overrides = {k: str(v) if isinstance(v, Path) else v for k, v in (overrides or {}).items()}  # library callers
     hp = config.load(yaml_path, overrides)
     names = [f.name for f in dataclasses.fields(ExportOptions)]
     extra = sorted(set(k for k in hp if not k.startswith("__")) - set(names))
@@ -532,16 +532,9 @@ class FirstPass:
             batch = [items[i] for i in idx]
             ctc_logp, attn, frame_lens = sc_.scores(wavs, lens, [it.ids for it in batch], o.scores != "ctc",
                                                     self.use_amp)
-            units, scores = [], []
-            for k, it in enumerate(batch):
-                u, lead, trail = A.alignment_units(it.tokens, o.edge_silence or edge_rows)
-                units.append((u, lead, trail))
-                ctc_k = ctc_logp[k, : frame_lens[k]]
-                att_k = None if attn is None else attn[k, :, : frame_lens[k]]
-                sc = A.score_matrix(ctc_k, att_k, it.ids, lead, trail, o.scores, o.ctc_weight, blank, edge_rows)
-                spans = A.ctc_emissions(ctc_k, it.ids, blank) if o.anchor else None
-                scores.append(A.anchor(sc, spans, lead) if spans else sc)
-            frames = mas_frames(scores, frame_lens)
+            units, scores, frames = A.align_batch(ctc_logp, attn, [it.tokens for it in batch],
+                                                  [it.ids for it in batch], frame_lens, o.scores, o.ctc_weight,
+                                                  blank, o.anchor, o.edge_silence, edge_rows)
             rows = []
             for k, it in enumerate(batch):
                 ctc_k = ctc_logp[k, : frame_lens[k]].cpu()

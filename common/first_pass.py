@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from common.vocab import SIL, SILENCE_TOKENS
-from common.mas import LOG_FLOOR
+from common.mas import LOG_FLOOR, mas_frames
 
 SCORE_KINDS = ("ctc", "attention", "joint")
 FORBID = -1e4  # a cell no path may use (another token's CTC emission)
@@ -108,6 +108,49 @@ def anchor(score: torch.Tensor, spans: list[tuple[int, int]], lead: bool) -> tor
     owner = owner.to(score.device)
     rows = torch.arange(score.shape[0], device=score.device)[:, None]
     return score.masked_fill((owner[None, :] >= 0) & (rows != owner[None, :]), FORBID)
+
+
+def align_batch(ctc_logp: torch.Tensor, attn: torch.Tensor | None, tokens: list[list[str]], ids: list[list[int]],
+                frame_lens: list[int], kind: str, ctc_weight: float, blank_id: int = 0, anchor_ctc: bool = True,
+                edge_silence: bool = True, attn_edges: bool = False
+                ) -> tuple[list[tuple[list[str], bool, bool]], list[torch.Tensor], list[np.ndarray]]:
+    """The first pass of a batch: per row (units, lead, trail), its [U', T] MAS scores and its frame counts.
+    ``ctc_logp`` [B, T, V]; ``attn`` [B, >=U, T] or None (``kind`` ctc)."""
+    units, scores = [], []
+    for k, (tok, row_ids) in enumerate(zip(tokens, ids)):
+        u, lead, trail = alignment_units(tok, edge_silence or attn_edges)
+        units.append((u, lead, trail))
+        ctc_k = ctc_logp[k, : frame_lens[k]]
+        att_k = None if attn is None else attn[k, :, : frame_lens[k]]
+        sc = score_matrix(ctc_k, att_k, row_ids, lead, trail, kind, ctc_weight, blank_id, attn_edges)
+        spans = ctc_emissions(ctc_k, row_ids, blank_id) if anchor_ctc else None
+        scores.append(anchor(sc, spans, lead) if spans else sc)
+    return units, scores, mas_frames(scores, frame_lens)
+
+
+class BoundaryDrift:
+    """How far the first pass's boundaries moved between two validations: per row (by id), the mean absolute
+    change of its token end times, averaged over the rows both validations aligned with the same tokens. The
+    training's ``align_shift_ms`` (and its ``stop_align_shift_ms`` rule): the recognizer has stopped moving the
+    durations when this is small, whatever its PER still does."""
+
+    def __init__(self):
+        self.prev: dict = {}
+        self.cur: dict = {}
+
+    def start(self) -> None:
+        self.cur = {}
+
+    def add(self, row_id, frames: np.ndarray, hop_s: float) -> None:
+        self.cur[row_id] = np.cumsum(np.asarray(frames, dtype=np.float64)) * hop_s
+
+    def finish(self) -> float | None:
+        """Mean shift in ms since the previous validation (None at the first one); this validation becomes the
+        reference of the next."""
+        moves = [np.abs(v - self.prev[k]).mean() for k, v in self.cur.items()
+                 if k in self.prev and len(self.prev[k]) == len(v)]
+        self.prev, self.cur = self.cur, {}
+        return round(1000.0 * float(np.mean(moves)), 3) if moves else None
 
 
 def token_confidence(ctc_logp: torch.Tensor, ids: list[int], frames: np.ndarray, lead: bool,

@@ -73,3 +73,18 @@ def batch_lr(hp, clock: TrainClock, epoch: int, step: int, batches_per_epoch: in
     if warmup > 0 and optimizer_step <= warmup:
         return newbob_lr * scale
     return None
+
+
+def aligned_stop(valid: list[dict], hp, epoch: int) -> bool:
+    """``stop_align_shift_ms`` > 0: stop when each of the last ``stop_align_patience`` validations moved the valid
+    rows' first-pass boundaries less than that (``align_shift_ms``, common.first_pass.BoundaryDrift) with a valid
+    PER under ``stop_align_max_per`` (the recognizer has left CTC's all-blank plateau, where alignments can sit
+    still), once ``stop_align_min_epochs`` epochs ran. A resumed run has no shift at its first validation, so it
+    waits one more."""
+    limit, k = float(hp.stop_align_shift_ms), max(int(hp.stop_align_patience), 1)
+    if getattr(hp, "overfit_one_batch", False):  # the sanity check runs its epochs (PER must reach ~0)
+        return False
+    if limit <= 0 or epoch < int(hp.stop_align_min_epochs) or len(valid) < k:
+        return False
+    return all(v.get("align_shift_ms") is not None and v["align_shift_ms"] < limit
+               and v.get("PER", 100.0) < float(hp.stop_align_max_per) for v in valid[-k:])

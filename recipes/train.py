@@ -35,6 +35,7 @@ from speechbrain.utils.distributed import (ddp_barrier, ddp_broadcast, if_main_p
                                           run_on_main)
 from speechbrain.utils.logger import get_logger  # noqa: E402
 
+from common import first_pass as A  # noqa: E402
 from common import model as M  # noqa: E402
 from common import run_folder  # noqa: E402
 from common import styletts2 as S  # noqa: E402
@@ -47,7 +48,7 @@ from common.frames import num_feature_frames  # noqa: E402
 from common.io import UserError, cli, read_manifest, write_json  # noqa: E402
 from common.nonfinite import SkipNonFiniteBatches  # noqa: E402
 from common.run_report import check_metrics_csv, write_reports  # noqa: E402
-from common.schedules import TrainClock, batch_lr  # noqa: E402
+from common.schedules import TrainClock, aligned_stop, batch_lr  # noqa: E402
 from common.vocab import BOS_ID, EOS_ID, Vocab  # noqa: E402
 
 logger = get_logger(__name__)
@@ -63,6 +64,7 @@ class PhonemeBrain(SkipNonFiniteBatches, LocalBatchNormDDP, sb.Brain):
         self.freeze_norm_stats = str(hp.peft or "none").lower() == "lora"  # LoRA: the base keeps its statistics
         self.results = {"train_loss": [], "valid": [], "padding_ratio": [], "train_time": 0.0}
         self.pad = Counter()
+        self.drift = A.BoundaryDrift()  # the valid rows' first-pass boundaries, one validation to the next
         self.clock = TrainClock()  # training seconds across resumes (the max_train_minutes budget, the cosine lr)
         self.checkpointer.add_recoverable("train_clock", self.clock, optional_load=True)
         self.loggers = [hp.train_logger]
@@ -130,6 +132,8 @@ class PhonemeBrain(SkipNonFiniteBatches, LocalBatchNormDDP, sb.Brain):
             self.ctc_metrics.append(batch.id, p_ctc, tokens, wav_lens, tok_lens)
             hyps = M.ctc_greedy(p_ctc, wav_lens)
             self.per_metrics.append(batch.id, hyps, tokens, target_len=tok_lens, ind2lab=self.ids_to_tokens)
+            if stage == sb.Stage.VALID and hp.track_align_shift:
+                self._track_drift(p_ctc, attn, tokens, tok_lens, wav_lens, batch.id)
             if "beam_hyps" in out:
                 self.beam_metrics.append(batch.id, out["beam_hyps"], tokens, target_len=tok_lens,
                                          ind2lab=self.ids_to_tokens)
@@ -137,6 +141,20 @@ class PhonemeBrain(SkipNonFiniteBatches, LocalBatchNormDDP, sb.Brain):
 
     def ids_to_tokens(self, seqs):
         return [[self.vocab.tokens[int(i)] for i in s] for s in seqs]
+
+    def _track_drift(self, p_ctc, attn, tokens, tok_lens, wav_lens, row_ids):
+        """The valid rows' first-pass boundaries (the export's default scores), for ``align_shift_ms``."""
+        hp = self.hparams
+        frame_lens = M.abs_lengths(wav_lens, p_ctc.shape[1]).tolist()
+        ids = [tokens[k, :n].tolist() for k, n in enumerate(M.abs_lengths(tok_lens, tokens.shape[1]).tolist())]
+        kind = "joint" if attn is not None else "ctc"
+        with torch.no_grad():
+            _, _, frames = A.align_batch(p_ctc.detach().float(), None if attn is None else attn.detach().float(),
+                                         self.ids_to_tokens(ids), ids, frame_lens, kind, hp.align_shift_ctc_weight,
+                                         hp.blank_index)
+        hop_s = M.feature_hop_samples(hp) / float(hp.sample_rate)
+        for rid, fr in zip(row_ids, frames):
+            self.drift.add(rid, fr, hop_s)
 
     def on_fit_batch_start(self, batch, should_step):
         if self.freeze_norm_stats:
@@ -167,6 +185,8 @@ class PhonemeBrain(SkipNonFiniteBatches, LocalBatchNormDDP, sb.Brain):
         self.per_metrics = self.hparams.per_stats()
         self.beam_metrics = self.hparams.per_stats()
         self.searcher = None
+        if stage == sb.Stage.VALID:
+            self.drift.start()
         if stage == sb.Stage.TEST and self.hparams.test_beam_search:
             self.searcher = self.hparams.attention_searcher(self.hparams.modules, self.hparams, len(self.vocab))
 
@@ -194,7 +214,10 @@ class PhonemeBrain(SkipNonFiniteBatches, LocalBatchNormDDP, sb.Brain):
             else:
                 old_lr, new_lr = hp.lr_annealing(stage_loss if hp.lr_anneal_on == "loss" else per)
                 sb.nnet.schedulers.update_learning_rate(self.optimizer, new_lr)
-            res["valid"].append({"epoch": epoch, "loss": stage_loss, "PER": per, "lr": old_lr})
+            shift = self.drift.finish() if hp.track_align_shift else None
+            if shift is not None:
+                stats["align_shift_ms"] = shift
+            res["valid"].append({"epoch": epoch, "loss": stage_loss, "PER": per, "lr": old_lr, "align_shift_ms": shift})
             res["valid_time"] = time.time() - self.stage_t0
             self.checkpointer.save_and_keep_only(meta={"PER": per, "epoch": epoch}, min_keys=["PER"],
                                                  num_to_keep=max(1, int(hp.average_last)))
@@ -208,6 +231,10 @@ class PhonemeBrain(SkipNonFiniteBatches, LocalBatchNormDDP, sb.Brain):
             # decided differently would wait for each other forever in the next epoch's collectives)
             if ddp_broadcast(budget > 0 and spent + spent / max(epoch, 1) > budget):
                 logger.info(f"max_train_minutes={hp.max_train_minutes}: stopping after epoch {epoch} ({spent:.0f} s)")
+                hp.epoch_counter.limit = epoch
+            if ddp_broadcast(aligned_stop(res["valid"], hp, epoch)):
+                logger.info(f"stop_align_shift_ms={hp.stop_align_shift_ms}: the first-pass boundaries moved less at "
+                            f"{hp.stop_align_patience} validations in a row; stopping after epoch {epoch}")
                 hp.epoch_counter.limit = epoch
             return
         if len(self.beam_metrics.scores) > 0:

@@ -28,6 +28,7 @@ def test_every_export_option_is_a_yaml_key_with_help():
     assert opts.refiner.margin_ms == OPTIONS["refine_margin_ms"].default
     assert opts.hmm_aligner.states == OPTIONS["hmm_states"].default == 3
     assert opts.hmm_weight == pytest.approx(2 / 3) and opts.corpus == Path("/c")
+    assert load_options({"corpus": Path("/c"), "model_dir": Path("/m")}).model_dir == Path("/m")  # library callers
 
 
 def test_readme_table_is_generated_from_the_yaml():

@@ -49,7 +49,8 @@ def base_plus_adapters(base_run: Path, lora_ckpt: Path, info: dict):
 
 
 def train_cmd(data, out, *extra) -> list[str]:
-    args = [str(a) for k, v in TINY_MODEL.items() for a in (f"--{k}", v)]
+    given = {str(e) for e in extra}  # a key in extra replaces TINY_MODEL's (one value per key on the command line)
+    args = [str(a) for k, v in TINY_MODEL.items() if f"--{k}" not in given for a in (f"--{k}", v)]
     return [str(ROOT / "recipes/train.py"), str(ROOT / "hparams/phoneme.yaml"), "--data_folder", str(data),
             "--output_folder", str(out), "--noprogressbar", *args, *map(str, extra)]
 

@@ -30,7 +30,8 @@ from tests.utils import one_line_error  # noqa: E402
 
 TINY = [  # a small model so a run takes seconds
     "--conv_channels", "96", "--rnn_neurons", "96", "--rnn_layers", "1", "--enc_dim", "96", "--dec_neurons", "96",
-    "--attn_dim", "64", "--emb_size", "32", "--noprogressbar", "--test_beam_search", "False", "--num_threads", "1",
+    "--attn_dim", "64", "--emb_size", "32", "--test_beam_search", "False", "--num_threads", "1",
+    "--stop_align_shift_ms", "0",  # the tests count epochs (the stop rule has its own test)
 ]
 SWEEP_HEADER = (
     "timestamp, run_id, run_stage, model, output_dir, dataset_part, train_fraction, validation_samples, epochs, wer, "
@@ -42,8 +43,10 @@ SWEEP_HEADER = (
 
 
 def train_cmd(data, out, *extra):
+    given = {str(e) for e in extra}  # a key in extra replaces TINY's (one value per key on the command line)
+    tiny = [a for k, v in zip(TINY[::2], TINY[1::2]) if k not in given for a in (k, v)]
     return [sys.executable, str(ROOT / "recipes/train.py"), str(ROOT / "hparams/phoneme.yaml"),
-            "--data_folder", str(data), "--output_folder", str(out), *TINY, *map(str, extra)]
+            "--data_folder", str(data), "--output_folder", str(out), "--noprogressbar", *tiny, *map(str, extra)]
 
 
 def run_train(data, out, *extra, timeout=300):
@@ -148,6 +151,20 @@ def test_overfit_one_batch_reaches_zero_per(corpus, tmp_path):
     assert m["overfit_one_batch"] and m["data"]["train_utts"] >= 2
     assert m["best_valid_PER"] <= 5.0, m["valid_history"][-3:]
     assert m["test_PER"] is None  # sanity mode does not test
+    shifts = [v["align_shift_ms"] for v in m["valid_history"]]  # the first pass's drift, one validation to the next
+    assert shifts[0] is None and all(isinstance(x, float) and x >= 0 for x in shifts[1:]), shifts
+
+
+def test_stop_when_the_first_pass_settles(corpus, tmp_path):
+    # a threshold every shift is under: the run stops at the first epoch the rule may (min epochs, patience)
+    out = tmp_path / "settle"
+    r = run_train(corpus, out, "--number_of_epochs", "8", "--train_subset", "6", "--validation_samples", "2",
+                  "--skip_test", "True", "--stop_align_shift_ms", "1e6", "--stop_align_max_per", "1e9",
+                  "--stop_align_patience", "2", "--stop_align_min_epochs", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["epochs"] == 4 and len(m["valid_history"]) == 4, m["valid_history"]
+    assert "stopping after epoch 4" in (out / "log.txt").read_text()
 
 
 def test_resume_after_kill(corpus, tmp_path):

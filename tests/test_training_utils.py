@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.metrics import error_rate, levenshtein  # noqa: E402
-from common.schedules import TrainClock, cosine_lr, run_progress  # noqa: E402
+from common.first_pass import BoundaryDrift  # noqa: E402
+from common.schedules import TrainClock, aligned_stop, cosine_lr, run_progress  # noqa: E402
 
 
 def test_cosine_lr_endpoints_and_monotone():
@@ -148,3 +149,29 @@ def test_cuda_batches_follow_gpu_memory_and_scale_lr():
     assert device_overrides({**hp, "lr_batch_scaling": "linear"}, "cuda", {}, 36000.0, 80.0)["lr"] == \
         pytest.approx(0.003 * 320 / 6)
     assert device_overrides({**hp, "max_batch_length_cuda": 90.0}, "cuda", {}, 36000.0, 80.0)["max_batch_length"] == 90
+
+
+def test_boundary_drift_and_the_stop_rule():
+    d = BoundaryDrift()
+    d.start()
+    d.add("a", [2, 3, 5], 0.01)   # ends 20, 50, 100 ms
+    d.add("b", [4, 4], 0.01)
+    assert d.finish() is None      # nothing to compare with yet
+    d.start()
+    d.add("a", [3, 2, 5], 0.01)   # ends 30, 50, 100: moved 10, 0, 0 -> 3.333 ms
+    d.add("b", [4, 4, 1], 0.01)   # another token count (not comparable): left out
+    d.add("c", [1], 0.01)          # new row: left out
+    assert d.finish() == pytest.approx(10 / 3, abs=1e-3)
+
+    class H:
+        stop_align_shift_ms, stop_align_patience, stop_align_min_epochs, stop_align_max_per = 5.0, 2, 3, 95.0
+
+    hist = [{"align_shift_ms": s, "PER": 80.0} for s in (None, 4.0, 3.0)]
+    assert aligned_stop(hist, H, epoch=3)
+    assert not aligned_stop(hist, H, epoch=2)                                   # before min epochs
+    assert not aligned_stop(hist[:2] + [{"align_shift_ms": 6.0, "PER": 80.0}], H, epoch=3)  # the last moved more
+    assert not aligned_stop(hist[:2] + [{"align_shift_ms": 1.0, "PER": 100.0}], H, epoch=3)  # still all blanks
+    assert not aligned_stop([{"align_shift_ms": None, "PER": 50.0}, {"align_shift_ms": 1.0, "PER": 50.0}], H,
+                            epoch=5)                                            # resumed: no shift yet
+    H.stop_align_shift_ms = 0.0
+    assert not aligned_stop(hist, H, epoch=3)                                   # off
