@@ -145,7 +145,8 @@ def load(yaml_path: str | Path, overrides: dict | None = None) -> dict:
     from hyperpyyaml import load_hyperpyyaml
 
     options = read_options(yaml_path)
-    overrides = dict(overrides or {})
+    # hyperpyyaml writes the overrides out as yaml: a library caller's Path values go in as their text
+    overrides = {k: str(v) if isinstance(v, Path) else v for k, v in (overrides or {}).items()}
     unknown = [k for k in overrides if k not in options]
     if unknown:
         raise UserError(f"unknown option(s) {', '.join('--' + k for k in unknown)} for {yaml_path}")

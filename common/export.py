@@ -34,7 +34,7 @@ from common import units as U
 from common import frames as F
 from common.audio import AudioDataset, audio_info, length_buckets
 from common.calibration import Calibration
-from common.review import review_flags
+from common.review import RULES as FLAG_RULES, review_flags
 from common.hmm import FLAT_INITS
 from common.refine import FUSIONS, HMM_INITS
 from common.corpus import read_matcha, read_phones_tsv
@@ -171,7 +171,8 @@ class ExportOptions:
             (self.hop_length > 0, f"--hop_length must be > 0, got {self.hop_length}"),
             (self.limit >= 0 and self.plots >= 0, "--limit and --plots must be >= 0"),
             (self.hmm_states >= 1, f"--hmm_states must be >= 1, got {self.hmm_states}"),
-            (self.flag_rule in ("corpus", "fixed"), f"--flag_rule must be corpus or fixed, got {self.flag_rule!r}"),
+            (self.flag_rule in FLAG_RULES,
+             f"--flag_rule must be one of {', '.join(FLAG_RULES)}, got {self.flag_rule!r}"),
             (self.fusion in FUSIONS, f"--fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}"),
             (self.fusion_gate_ms > 0, f"--fusion_gate_ms must be > 0, got {self.fusion_gate_ms}"),
             (self.hmm_init in HMM_INITS, f"--hmm_init must be one of {', '.join(HMM_INITS)}, got {self.hmm_init!r}"),
@@ -212,7 +213,6 @@ def load_options(overrides: dict | None = None, yaml_path: str | Path = DEFAULT_
     """``hparams/export.yaml`` with ``overrides`` (top-level keys) -> ``ExportOptions`` (checked)."""
     from common import config
 
-    overrides = {k: str(v) if isinstance(v, Path) else v for k, v in (overrides or {}).items()}  # library callers
     hp = config.load(yaml_path, overrides)
     names = [f.name for f in dataclasses.fields(ExportOptions)]
     extra = sorted(set(k for k in hp if not k.startswith("__")) - set(names))
