@@ -50,6 +50,7 @@ DEFAULT_YAML = ROOT / "hparams" / "export.yaml"
 REPORT_FILE, TIMING_FILE, ALIGNMENTS_FILE = "export_report.json", "export_timing.json", "alignments.jsonl"
 MAX_LISTED = 5
 PRECISIONS = ("auto", "fp32", "bf16")
+CHECKPOINTS = {"per": "PER", "joint": "joint"}  # --checkpoint -> the checkpoint meta key it minimizes (train.py saves)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -61,6 +62,7 @@ class ExportOptions:
     plus the objects it builds from them, ``refiner``, ``hmm_aligner`` and ``long_rows``."""
     corpus: Path
     model_dir: Path
+    checkpoint: str
     metadata: Path | None
     wav_dir: Path | None
     language: str
@@ -171,6 +173,8 @@ class ExportOptions:
             (self.hop_length > 0, f"--hop_length must be > 0, got {self.hop_length}"),
             (self.limit >= 0 and self.plots >= 0, "--limit and --plots must be >= 0"),
             (self.hmm_states >= 1, f"--hmm_states must be >= 1, got {self.hmm_states}"),
+            (self.checkpoint in CHECKPOINTS,
+             f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, got {self.checkpoint!r}"),
             (self.flag_rule in FLAG_RULES,
              f"--flag_rule must be one of {', '.join(FLAG_RULES)}, got {self.flag_rule!r}"),
             (self.fusion in FUSIONS, f"--fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}"),
@@ -491,7 +495,10 @@ def load_model(opts: ExportOptions, device: str) -> LoadedModel:
         asr = styletts2.load_checkpoint(opts.styletts2_asr, opts.styletts2_config, device)
         return LoadedModel(styletts2.StyleTTS2Scorer(asr.model, asr.vocab, opts.styletts2_blank), asr.vocab,
                            asr.checkpoint, "styletts2")
-    run = load_run(opts.model_dir, device)
+    run = load_run(opts.model_dir, device, min_key=CHECKPOINTS[opts.checkpoint])
+    if opts.checkpoint == "joint" and "joint" not in (run.checkpoint_meta or {}):
+        raise UserError(f"--checkpoint joint: no checkpoint in {opts.model_dir}/save has a joint score (a run "
+                        "trained before checkpoint selection, or with --keep_best_joint False); use --checkpoint per")
     if run.hparams.get("model_family") == "styletts2":
         scorer = styletts2.scorer_from_run(run)
         return LoadedModel(scorer, scorer.vocab, run.checkpoint, "styletts2")

@@ -204,10 +204,14 @@ def _mod(modules, key):
     return modules[key] if isinstance(modules, Mapping) or isinstance(modules, nn.ModuleDict) else getattr(modules, key)
 
 
-def compute_feats(modules, hparams, wavs: torch.Tensor, wav_lens: torch.Tensor, epoch: int | None = None):
-    """Fbank + global normalization (stats update only in train mode, until ``update_until_epoch``)."""
+def compute_feats(modules, hparams, wavs: torch.Tensor, wav_lens: torch.Tensor, epoch: int | None = None,
+                  warp=None):
+    """Fbank + global normalization (stats update only in train mode, until ``update_until_epoch``); ``warp``: a
+    function applied to the log-mel features before normalization (training's VTLP, common/train_aids.py)."""
     with torch.autocast(device_type=wavs.device.type, enabled=False):
         feats = _hp(hparams, "compute_features")(wavs.float())
+        if warp is not None:
+            feats = warp(feats)
         return _mod(modules, "normalize")(feats, wav_lens, epoch=epoch)
 
 
@@ -273,6 +277,7 @@ class TrainedModel:
     vocab: Vocab
     checkpoint: Path  # the checkpoint folder whose weights were loaded
     run: Path  # the run folder
+    checkpoint_meta: dict | None = None  # what training saved with it (PER, joint, epoch)
 
 
 def load_run(model_dir, device: str = "cpu", min_key: str = "PER", overrides: dict | None = None) -> TrainedModel:
@@ -280,7 +285,8 @@ def load_run(model_dir, device: str = "cpu", min_key: str = "PER", overrides: di
 
     Reads ``<model_dir>/hyperparams.yaml`` (saved by ``recipes/train.py`` with the CLI overrides baked in) with
     ``tokens_file`` pointed at ``<model_dir>/tokens.txt`` and ``output_folder`` at ``model_dir`` (so the run folder
-    can be moved), and loads the checkpoint with the lowest ``min_key`` (valid PER) through the yaml's Checkpointer.
+    can be moved), and loads the checkpoint with the lowest ``min_key`` (valid ``PER``, or ``joint``: the best_joint
+    score, recipes/train.py) through the yaml's Checkpointer.
     """
     from hyperpyyaml import load_hyperpyyaml
 
@@ -313,7 +319,7 @@ def load_run(model_dir, device: str = "cpu", min_key: str = "PER", overrides: di
     else:
         ckpter.load_checkpoint(ckpt)
     modules = nn.ModuleDict(dict(hparams["modules"])).to(device).eval()
-    return TrainedModel(modules, hparams, vocab, Path(ckpt.path).resolve(), model_dir.resolve())
+    return TrainedModel(modules, hparams, vocab, Path(ckpt.path).resolve(), model_dir.resolve(), dict(ckpt.meta))
 
 
 def load_for_inference(model_dir, device: str = "cpu", min_key: str = "PER", overrides: dict | None = None):

@@ -39,6 +39,7 @@ from common import first_pass as A  # noqa: E402
 from common import model as M  # noqa: E402
 from common import run_folder  # noqa: E402
 from common import styletts2 as S  # noqa: E402
+from common import train_aids as AIDS  # noqa: E402
 from common.audio import load_audio  # noqa: E402
 from common.batching import device_overrides  # noqa: E402
 from common.checkpoint import average_last_checkpoints  # noqa: E402
@@ -90,17 +91,30 @@ class PhonemeBrain(SkipNonFiniteBatches, LocalBatchNormDDP, sb.Brain):
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
         tokens_bos, _ = batch.tokens_bos
+        hp = self.hparams
         train = stage == sb.Stage.TRAIN and self.augment
+        mixup = None
         if train:
-            wavs, wav_lens = self.hparams.wav_augment(wavs, wav_lens)
-        feats = M.compute_feats(self.modules, self.hparams, wavs, wav_lens, epoch=self.hparams.epoch_counter.current)
-        if train:
-            feats, _ = self.hparams.fea_augment(feats, wav_lens)
+            wavs, wav_lens = hp.wav_augment(wavs, wav_lens)
+        warp = (lambda f: AIDS.vtlp(f, float(hp.vtlp_low), float(hp.vtlp_high))) if train and hp.vtlp else None
+        feats = M.compute_feats(self.modules, hp, wavs, wav_lens, epoch=hp.epoch_counter.current, warp=warp)
+        if train:  # AuxiliaryASR's input aids (common/train_aids.py), after SpeechBrain's SpecAugment
+            feats, _ = hp.fea_augment(feats, wav_lens)
+            if hp.adaptive_masking and float(torch.rand(())) < float(hp.adaptive_mask_prob):
+                feats = AIDS.adaptive_masks(feats, wav_lens, hp)
+            if float(hp.frame_dropout) > 0:
+                feats = AIDS.frame_dropout(feats, float(hp.frame_dropout))
+            if hp.mixup:
+                mixup = AIDS.draw_mixup(feats.shape[0], float(hp.mixup_alpha), float(hp.mixup_prob))
+                if mixup is not None:
+                    feats, wav_lens = AIDS.mix(feats, wav_lens, *mixup)
+            if float(hp.phoneme_dropout) > 0:
+                tokens_bos = AIDS.phoneme_dropout(tokens_bos, float(hp.phoneme_dropout))
         enc = M.encode(self.modules, feats, wav_lens)
-        out = {"p_ctc": M.ctc_log_probs(self.modules, self.hparams, enc), "wav_lens": wav_lens}
+        out = {"p_ctc": M.ctc_log_probs(self.modules, hp, enc), "wav_lens": wav_lens, "mixup": mixup}
         every = max(int(self.hparams.s2s_every), 1)
         if stage != sb.Stage.TRAIN or (self.step - 1) % every == 0:  # s2s_every: the decoder on every k-th batch
-            out["p_seq"], out["attn"] = M.attention_decode(self.modules, self.hparams, enc, wav_lens, tokens_bos)
+            out["p_seq"], out["attn"] = M.attention_decode(self.modules, hp, enc, wav_lens, tokens_bos)
         if stage == sb.Stage.TEST and self.searcher is not None:
             out["beam_hyps"] = self.searcher(enc, wav_lens)[0]
         return out
@@ -110,18 +124,35 @@ class PhonemeBrain(SkipNonFiniteBatches, LocalBatchNormDDP, sb.Brain):
         tokens, tok_lens = batch.tokens
         tokens_eos, eos_lens = batch.tokens_eos
         p_ctc, wav_lens, attn = out["p_ctc"], out["wav_lens"], out.get("attn")
-        loss_ctc = hp.ctc_cost(p_ctc, tokens, wav_lens, tok_lens)
+        train = stage == sb.Stage.TRAIN
+        logp = AIDS.loss_logp(p_ctc, float(hp.ctc_blank_bias), float(hp.ctc_temperature)) if train else p_ctc
+        mixup, lam = out.get("mixup"), 1.0
+        loss_ctc = hp.ctc_cost(logp, tokens, wav_lens, tok_lens)
+        if mixup is not None:  # the mixed rows' transcripts, weighted like their features
+            perm, lam = mixup[0].to(tokens.device), mixup[1]
+            loss_ctc = lam * loss_ctc + (1 - lam) * hp.ctc_cost(logp, tokens[perm], wav_lens, tok_lens[perm])
         loss = hp.ctc_weight * loss_ctc
         loss_seq = loss_ga = torch.zeros((), device=loss.device)
         if attn is not None:
             loss_seq = hp.seq_cost(out["p_seq"], tokens_eos, eos_lens)
+            if mixup is not None:  # teacher-forced with the first row's transcript, scored against both
+                loss_seq = lam * loss_seq + (1 - lam) * hp.seq_cost(out["p_seq"], tokens_eos[perm], eos_lens[perm])
             loss = loss + hp.s2s_weight * loss_seq
             epoch = hp.epoch_counter.current
             if hp.guided_attn_weight > 0 and (hp.guided_attn_epochs <= 0 or epoch <= hp.guided_attn_epochs):
                 loss_ga = M.guided_attention_loss(attn, M.abs_lengths(eos_lens, attn.shape[1]),
                                                   M.abs_lengths(wav_lens, attn.shape[2]), hp.guided_attn_sigma)
                 loss = loss + hp.guided_attn_weight * loss_ga
+        if train:
+            frames = M.abs_lengths(wav_lens, p_ctc.shape[1])
+            aids = AIDS.loss_aids(hp, p_ctc.float(), frames, M.abs_lengths(tok_lens, tokens.shape[1]), attn,
+                                  None if attn is None else M.abs_lengths(eos_lens, attn.shape[1]),
+                                  hp.epoch_counter.current, self.optimizer_step)
+            for value in aids.values():
+                loss = loss + value
         if torch.isfinite(loss):
+            if train:
+                self.parts.update({name: float(value.detach()) for name, value in aids.items()})
             self.parts["ctc"] += float(loss_ctc.detach())
             self.parts["n"] += 1
             if attn is not None:
@@ -132,8 +163,10 @@ class PhonemeBrain(SkipNonFiniteBatches, LocalBatchNormDDP, sb.Brain):
             self.ctc_metrics.append(batch.id, p_ctc, tokens, wav_lens, tok_lens)
             hyps = M.ctc_greedy(p_ctc, wav_lens)
             self.per_metrics.append(batch.id, hyps, tokens, target_len=tok_lens, ind2lab=self.ids_to_tokens)
-            if stage == sb.Stage.VALID and hp.track_align_shift:
-                self._track_drift(p_ctc, attn, tokens, tok_lens, wav_lens, batch.id)
+            if stage == sb.Stage.VALID:
+                self._track_selection(attn, hyps, tokens, tok_lens, eos_lens, wav_lens)
+                if hp.track_align_shift:
+                    self._track_drift(p_ctc, attn, tokens, tok_lens, wav_lens, batch.id)
             if "beam_hyps" in out:
                 self.beam_metrics.append(batch.id, out["beam_hyps"], tokens, target_len=tok_lens,
                                          ind2lab=self.ids_to_tokens)
@@ -141,6 +174,27 @@ class PhonemeBrain(SkipNonFiniteBatches, LocalBatchNormDDP, sb.Brain):
 
     def ids_to_tokens(self, seqs):
         return [[self.vocab.tokens[int(i)] for i in s] for s in seqs]
+
+    def _track_selection(self, attn, hyps, tokens, tok_lens, eos_lens, wav_lens):
+        """Per valid row: the attention's diagonality and the CTC length gap (the ``best_joint`` score's terms)."""
+        ref = M.abs_lengths(tok_lens, tokens.shape[1]).tolist()
+        self.sel["gap"] += AIDS.length_gap([len(h) for h in hyps], ref)
+        if attn is not None:
+            self.sel["diag"] += AIDS.diagonality(attn.detach(), M.abs_lengths(eos_lens, attn.shape[1]),
+                                                 M.abs_lengths(wav_lens, attn.shape[2]))
+
+    def _selection(self, per: float) -> dict:
+        """Mean diagonality and length gap of the valid rows, and the joint score (``checkpoint_selection``)."""
+        hp, sel = self.hparams, self.sel
+
+        def mean(xs):
+            return sum(xs) / len(xs) if xs else None
+
+        diag, gap = mean(sel["diag"]), mean(sel["gap"])
+        joint = AIDS.joint_score(per, diag, gap, float(hp.joint_lambda_diag), float(hp.joint_lambda_length),
+                                 float(hp.joint_target_length_diff))
+        return {"diagonality": None if diag is None else round(diag, 4),
+                "ctc_length_gap": None if gap is None else round(gap, 3), "joint": round(joint, 5)}
 
     def _track_drift(self, p_ctc, attn, tokens, tok_lens, wav_lens, row_ids):
         """The valid rows' first-pass boundaries (the export's default scores), for ``align_shift_ms``."""
@@ -187,13 +241,18 @@ class PhonemeBrain(SkipNonFiniteBatches, LocalBatchNormDDP, sb.Brain):
         self.searcher = None
         if stage == sb.Stage.VALID:
             self.drift.start()
+            self.sel = {"diag": [], "gap": []}
         if stage == sb.Stage.TEST and self.hparams.test_beam_search:
             self.searcher = self.hparams.attention_searcher(self.hparams.modules, self.hparams, len(self.vocab))
 
     def _parts(self):
         n, n_dec = max(self.parts["n"], 1), max(self.parts["n_dec"], 1)
-        return {"ctc": round(self.parts["ctc"] / n, 4), "seq": round(self.parts["seq"] / n_dec, 4),
-                "guided": round(self.parts["guided"] / n_dec, 4)}
+        parts = {"ctc": round(self.parts["ctc"] / n, 4), "seq": round(self.parts["seq"] / n_dec, 4),
+                 "guided": round(self.parts["guided"] / n_dec, 4)}
+        for name in ("blank_rate", "coverage", "entropy", "attn_duration"):  # the training aids switched on
+            if name in self.parts:
+                parts[name] = round(self.parts[name] / n, 4)
+        return parts
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         hp, res = self.hparams, self.results
@@ -217,10 +276,17 @@ class PhonemeBrain(SkipNonFiniteBatches, LocalBatchNormDDP, sb.Brain):
             shift = self.drift.finish() if hp.track_align_shift else None
             if shift is not None:
                 stats["align_shift_ms"] = shift
-            res["valid"].append({"epoch": epoch, "loss": stage_loss, "PER": per, "lr": old_lr, "align_shift_ms": shift})
+            sel = self._selection(per)
+            stats.update({k: v for k, v in sel.items() if v is not None})
+            res["valid"].append({"epoch": epoch, "loss": stage_loss, "PER": per, "lr": old_lr, "align_shift_ms": shift,
+                                 **sel})
             res["valid_time"] = time.time() - self.stage_t0
-            self.checkpointer.save_and_keep_only(meta={"PER": per, "epoch": epoch}, min_keys=["PER"],
-                                                 num_to_keep=max(1, int(hp.average_last)))
+            # kept: the best by valid PER, the best by the joint score (best_joint; export --checkpoint joint), the
+            # latest (SpeechBrain keeps the most recent too) and, for average_last, the last K
+            keys = ["PER", "joint"] if hp.keep_best_joint else ["PER"]
+            self.checkpointer.save_and_keep_only(meta={"PER": per, "epoch": epoch, "joint": sel["joint"]} if
+                                                 hp.keep_best_joint else {"PER": per, "epoch": epoch},
+                                                 min_keys=keys, num_to_keep=max(1, int(hp.average_last)))
             # logged only once its end-of-epoch checkpoint exists: a run killed in between would otherwise resume
             # from the epoch's last intra-epoch checkpoint, finish the epoch again and log it twice
             meta = {"epoch": epoch, "lr": old_lr, "nonfinite_skipped": self.nonfinite_total}

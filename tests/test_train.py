@@ -279,3 +279,57 @@ def test_consecutive_nan_losses_stop_with_clear_error(corpus, tmp_path):
 
 def test_overfit_and_speechbrain_debug_do_not_mix(corpus, tmp_path):
     one_line_error(run_train(corpus, tmp_path / "o", "--overfit_one_batch", "True", "--debug"), "--debug")
+
+
+def test_training_aids_and_best_joint(corpus, tmp_path):
+    # every AuxiliaryASR training aid on (loss aids after epoch 1); each validation logs the best_joint terms, the
+    # run keeps the best checkpoint by the joint score beside the best by PER, and the export loads it when asked
+    import yaml
+
+    from common import train_aids as AIDS
+
+    out = tmp_path / "aids"
+    r = run_train(corpus, out, "--number_of_epochs", "3", "--train_subset", "12", "--validation_samples", "4",
+                  "--skip_test", "True", "--mixup", "True", "--mixup_prob", "1.0", "--phoneme_dropout", "0.1",
+                  "--frame_dropout", "0.05", "--vtlp", "True", "--adaptive_masking", "True", "--ctc_blank_bias", "0.06",
+                  "--ctc_temperature", "1.1", "--ctc_aids_warmup_epochs", "1", "--blank_rate", "True",
+                  "--coverage", "True", "--ctc_entropy_weight", "0.02", "--attn_duration", "True",
+                  "--attn_duration_warmup_epochs", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in (out / "train_log.txt").read_text().splitlines() if ln.startswith("epoch: ")]
+    aids = ("train blank_rate", "train coverage", "train entropy", "train attn_duration")
+    assert not any(a in lines[0] for a in aids) and all(a in lines[1] and a in lines[2] for a in aids), lines
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["train_loss_history"][-1] < m["train_loss_history"][0]
+    for v in m["valid_history"]:
+        assert 0 <= v["diagonality"] <= 1 and isinstance(v["ctc_length_gap"], float), v
+        assert v["joint"] == pytest.approx(AIDS.joint_score(v["PER"], v["diagonality"], v["ctc_length_gap"], 0.3, 0.3,
+                                                            4.0), abs=1e-3)
+    metas = {p.parent.resolve(): yaml.safe_load(p.read_text()) for p in (out / "save").glob("CKPT+*/CKPT.yaml")}
+    best = {"joint": min(v["joint"] for v in m["valid_history"]), "PER": min(v["PER"] for v in m["valid_history"])}
+    for key, value in best.items():  # the best of each kept (ties: any epoch with that value)
+        assert any(meta[key] == pytest.approx(value, abs=1e-4) for meta in metas.values()), (key, metas)
+    # the export with --checkpoint joint: a copy of the corpus (the export writes into it)
+    src, dst = corpus.parent / "corpus", tmp_path / "corpus"
+    dst.mkdir()
+    (dst / "wavs").symlink_to(src / "wavs")
+    shutil.copy(src / "metadata.csv", dst / "metadata.csv")
+
+    def export(run, *extra):
+        return subprocess.run([sys.executable, str(ROOT / "align/export_durations.py"), "--corpus", str(dst),
+                               "--model_dir", str(run), "--no_mels", "--device", "cpu", "--no_progress", *extra],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+    for pick, key in (("joint", "joint"), ("per", "PER")):
+        r = export(out, "--checkpoint", pick, "--no_refine", "--limit", "3", "--overwrite")
+        assert r.returncode == 0, r.stderr[-3000:]
+        report = json.loads((dst / "durations/export_report.json").read_text())
+        loaded = Path(report["checkpoint"]).resolve()
+        assert metas[loaded][key] == pytest.approx(best[key], abs=1e-4) and report["options"]["checkpoint"] == pick
+    # a run without joint scores: the export says so in one line
+    r = subprocess.run(train_cmd(corpus, tmp_path / "nojoint", "--number_of_epochs", "1", "--train_subset", "4",
+                                 "--validation_samples", "2", "--skip_test", "True", "--keep_best_joint", "False"),
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one_line_error(export(tmp_path / "nojoint", "--checkpoint", "joint", "--limit", "2"), "--checkpoint joint",
+                   "use --checkpoint per")
