@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -175,7 +176,11 @@ def test_ddp_two_processes_gloo(tiny_corpus, tmp_path):
     assert 1 <= m["batches_per_epoch"] * m["mean_batch_utts"] < 8  # rank 0 saw its share of the 8 utterances
     epochs = [ln.split(",")[0] for ln in (out / "train_log.txt").read_text().splitlines() if ln.startswith("epoch: ")]
     assert epochs == ["epoch: 1", "epoch: 2"]  # logged once, by the main process
-    assert len(list((out / "save").glob("CKPT+*"))) == 1
+    kept = sorted((out / "save").glob("CKPT+*"))  # rotated: the best by valid PER and the best by the joint score
+    best = {"PER": min(v["PER"] for v in m["valid_history"]), "joint": min(v["joint"] for v in m["valid_history"])}
+    metas = [yaml.safe_load((c / "CKPT.yaml").read_text()) for c in kept]
+    assert 1 <= len(kept) <= 2, metas
+    assert all(any(abs(meta[k] - v) < 1e-4 for meta in metas) for k, v in best.items()), (metas, best)
     with open(sweep, newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 1
     modules, hp, vocab = M.load_for_inference(out)
