@@ -182,15 +182,21 @@ def guided_attention_loss(
 
     ``attn`` [B, U, T]; ``token_lens`` / ``frame_lens`` absolute lengths [B]. Padded cells do not count.
     """
-    B, U, T = attn.shape
+    offset, valid = diagonal_offsets(attn, token_lens, frame_lens)
+    w = 1.0 - torch.exp(-(offset**2) / (2 * sigma**2))
+    rows = valid[:, :, 0].float().sum()  # the real decoder steps (frame 0 is real in every row)
+    return (attn.float() * w * valid).sum() / rows.clamp(min=1)
+
+
+def diagonal_offsets(attn: torch.Tensor, token_lens: torch.Tensor, frame_lens: torch.Tensor):
+    """For ``attn`` [B, U, T] with absolute lengths: each cell's distance from the diagonal, ``t/T - u/U`` (cell
+    centres, as fractions of the row's own lengths), and the mask of its real cells (both [B, U, T])."""
+    _, U, T = attn.shape
     u = torch.arange(U, device=attn.device, dtype=torch.float32)[None, :, None]
     t = torch.arange(T, device=attn.device, dtype=torch.float32)[None, None, :]
     Ul = token_lens.float().clamp(min=1)[:, None, None]
     Tl = frame_lens.float().clamp(min=1)[:, None, None]
-    w = 1.0 - torch.exp(-(((t + 0.5) / Tl - (u + 0.5) / Ul) ** 2) / (2 * sigma**2))
-    valid = (u < Ul) & (t < Tl)
-    rows = (u < Ul).expand(B, U, 1).float().sum()
-    return (attn.float() * w * valid).sum() / rows.clamp(min=1)
+    return (t + 0.5) / Tl - (u + 0.5) / Ul, (u < Ul) & (t < Tl)
 
 
 # --------------------------------------------------------------------------------------------------------------------

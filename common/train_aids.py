@@ -4,7 +4,8 @@ Input aids (training batches only, never in validation, test or the export):
 
 - ``mixup``: with probability ``mixup_prob`` a batch's features become ``lam * x + (1 - lam) * x[perm]``
   (``lam ~ Beta(mixup_alpha, mixup_alpha)``, ``perm`` a permutation of the batch, lengths the longer of each pair);
-  the CTC loss is mixed the same way over both rows' transcripts (the decoder keeps the first row's, weighted ``lam``).
+  the CTC and decoder losses are mixed the same way over both rows' transcripts (the decoder is teacher-forced with
+  the first row's, which ``lam >= 0.5`` makes the dominant one).
 - ``phoneme_dropout``: each decoder-input token (not ``<bos>``) becomes ``<unk>`` with this probability, so the
   decoder leans on the audio rather than on the previous phone (teacher forcing's shortcut).
 - ``frame_dropout``: each feature frame is zeroed (the normalized features' mean) with this probability.
@@ -40,16 +41,15 @@ import math
 import torch
 import torch.nn.functional as F
 
+from common.model import abs_lengths, diagonal_offsets
 from common.vocab import BLANK_ID, UNK_ID
+
+LOSS_AIDS = ("blank_rate", "coverage", "entropy", "attn_duration")  # the names loss_aids() gives its terms
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # input aids
 # --------------------------------------------------------------------------------------------------------------------
-def frame_lengths(rel_lens: torch.Tensor, T: int) -> torch.Tensor:
-    return torch.round(rel_lens * T).long().clamp(min=1, max=T)
-
-
 def vtlp(feats: torch.Tensor, low: float, high: float, generator=None) -> torch.Tensor:
     """Stretch each row's mel axis by a factor in [low, high]: bin ``f`` reads the input at ``f * alpha`` (linear
     interpolation, clamped at the top bin). ``feats`` [B, T, F] log-mel."""
@@ -73,7 +73,7 @@ def frame_dropout(feats: torch.Tensor, prob: float) -> torch.Tensor:
 def adaptive_masks(feats: torch.Tensor, rel_lens: torch.Tensor, hp) -> torch.Tensor:
     """SpecAugment time and frequency masks whose widths follow each row's length (see the module docstring)."""
     B, T, nF = feats.shape
-    frames = frame_lengths(rel_lens, T).tolist()
+    frames = abs_lengths(rel_lens, T).tolist()
     keep = torch.ones(B, T, nF, device=feats.device, dtype=feats.dtype)
     fmax = int(min(float(hp.freq_mask_param), float(hp.max_freq_mask_ratio) * nF))
     for b in range(B):
@@ -223,15 +223,9 @@ def loss_aids(hp, logp: torch.Tensor, frames: torch.Tensor, n_tokens: torch.Tens
 def diagonality(attn: torch.Tensor, token_lens: torch.Tensor, frame_lens: torch.Tensor, band: float = 0.1) -> list:
     """Per row: the share of the attention mass within ``band`` (fraction of the row's length) of the diagonal
     ``t/T = u/U``, over its real decoder steps and frames (1 = perfectly diagonal)."""
-    B, U, T = attn.shape
-    u = torch.arange(U, device=attn.device, dtype=torch.float32)[None, :, None]
-    t = torch.arange(T, device=attn.device, dtype=torch.float32)[None, None, :]
-    Ul = token_lens.float().clamp(min=1)[:, None, None]
-    Tl = frame_lens.float().clamp(min=1)[:, None, None]
-    near = ((t + 0.5) / Tl - (u + 0.5) / Ul).abs() <= band
-    valid = (u < Ul) & (t < Tl)
+    offset, valid = diagonal_offsets(attn, token_lens, frame_lens)
     a = attn.float() * valid
-    return ((a * near).sum((1, 2)) / a.sum((1, 2)).clamp(min=1e-9)).tolist()
+    return ((a * (offset.abs() <= band)).sum((1, 2)) / a.sum((1, 2)).clamp(min=1e-9)).tolist()
 
 
 def length_gap(hyp_lens, ref_lens) -> list:

@@ -249,7 +249,7 @@ class PhonemeBrain(SkipNonFiniteBatches, LocalBatchNormDDP, sb.Brain):
         n, n_dec = max(self.parts["n"], 1), max(self.parts["n_dec"], 1)
         parts = {"ctc": round(self.parts["ctc"] / n, 4), "seq": round(self.parts["seq"] / n_dec, 4),
                  "guided": round(self.parts["guided"] / n_dec, 4)}
-        for name in ("blank_rate", "coverage", "entropy", "attn_duration"):  # the training aids switched on
+        for name in AIDS.LOSS_AIDS:  # the loss aids switched on
             if name in self.parts:
                 parts[name] = round(self.parts[name] / n, 4)
         return parts
@@ -284,9 +284,9 @@ class PhonemeBrain(SkipNonFiniteBatches, LocalBatchNormDDP, sb.Brain):
             # kept: the best by valid PER, the best by the joint score (best_joint; export --checkpoint joint), the
             # latest (SpeechBrain keeps the most recent too) and, for average_last, the last K
             keys = ["PER", "joint"] if hp.keep_best_joint else ["PER"]
-            self.checkpointer.save_and_keep_only(meta={"PER": per, "epoch": epoch, "joint": sel["joint"]} if
-                                                 hp.keep_best_joint else {"PER": per, "epoch": epoch},
-                                                 min_keys=keys, num_to_keep=max(1, int(hp.average_last)))
+            ckpt_meta = {"PER": per, "joint": sel["joint"], "epoch": epoch}
+            self.checkpointer.save_and_keep_only(meta={k: ckpt_meta[k] for k in [*keys, "epoch"]}, min_keys=keys,
+                                                 num_to_keep=max(1, int(hp.average_last)))
             # logged only once its end-of-epoch checkpoint exists: a run killed in between would otherwise resume
             # from the epoch's last intra-epoch checkpoint, finish the epoch again and log it twice
             meta = {"epoch": epoch, "lr": old_lr, "nonfinite_skipped": self.nonfinite_total}
