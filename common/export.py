@@ -35,7 +35,7 @@ from common import frames as F
 from common.audio import AudioDataset, audio_info, length_buckets
 from common.calibration import Calibration
 from common.review import RULES as FLAG_RULES, review_flags
-from common.hmm import FLAT_INITS
+from common.hmm import FLAT_INITS, MIXTURE_SCORES
 from common.refine import FUSIONS, HMM_INITS
 from common.corpus import read_matcha, read_phones_tsv
 from common.ddp import Shard
@@ -135,6 +135,7 @@ class ExportOptions:
     hmm_variants: list
     hmm_rounds: int
     hmm_flat_single: bool
+    hmm_mixture_score: str
     fusion: str
     fusion_gate_ms: float
     fusion_first_pass: float
@@ -180,6 +181,8 @@ class ExportOptions:
             (self.fusion in FUSIONS, f"--fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}"),
             (self.fusion_gate_ms > 0, f"--fusion_gate_ms must be > 0, got {self.fusion_gate_ms}"),
             (self.hmm_init in HMM_INITS, f"--hmm_init must be one of {', '.join(HMM_INITS)}, got {self.hmm_init!r}"),
+            (self.hmm_mixture_score in MIXTURE_SCORES,
+             f"--hmm_mixture_score must be one of {', '.join(MIXTURE_SCORES)}, got {self.hmm_mixture_score!r}"),
             (self.hmm_flat_init in FLAT_INITS,
              f"--hmm_flat_init must be one of {', '.join(FLAT_INITS)}, got {self.hmm_flat_init!r}"),
             (self.fusion_first_pass >= 0 and self.final_cap >= 0, "--fusion_first_pass and --final_cap must be >= 0"),

@@ -71,6 +71,30 @@ def test_hmm_sharpens_noisy_boundaries_and_aligns_from_a_flat_start():
     assert mean_inner_error_ms(flat, true_ends) > 25 and mean_inner_error_ms(ends, true_ends) < 12  # measured 8.3
 
 
+def test_max_mixture_score_bounds_the_sum_and_aligns_as_well():
+    # per frame and state: best Gaussian <= mixture density <= best Gaussian x M (the Viterbi approximation)
+    g = torch.Generator().manual_seed(3)
+    m = StateGMMs(3, 4)
+    m.mu, m.var = torch.randn(3, 4, 4, generator=g), torch.rand(3, 4, 4, generator=g) + 0.5
+    m.logw = torch.log_softmax(torch.randn(3, 4, generator=g), -1)
+    x = torch.randn(50, 4, generator=g)
+    s, mx = m.loglik(x, torch.tensor([0, 2, 1])), m.loglik(x, torch.tensor([0, 2, 1]), "max")
+    assert (mx <= s + 1e-5).all() and (mx >= s - np.log(4) - 1e-5).all() and (s - mx).max() > 0.01
+    # the tone corpus from a noisy start, both ways: the same boundaries within a frame on average
+    wavs, units, true_ends = tone_corpus(30, seed=5)
+    cfg = HMMConfig(sample_rate=TONE_SR)
+    feats, durs = features(lambda i: wavs[i], len(wavs), cfg)
+    rng = np.random.default_rng(1)
+    start = [np.concatenate([e[:-1] + rng.uniform(-0.03, 0.03, len(e) - 1), e[-1:]]) for e in true_ends]
+    exact, _ = hmm_realign(feats, durs, units, start, len(TONE_FREQS) + 1, cfg)
+    fast, _ = hmm_realign(feats, durs, units, start, len(TONE_FREQS) + 1,
+                          dataclasses.replace(cfg, mixture_score="max"))
+    assert mean_inner_error_ms(fast, true_ends) < 9, mean_inner_error_ms(fast, true_ends)
+    assert mean_inner_error_ms(fast, exact) < 2, mean_inner_error_ms(fast, exact)  # measured 0.0
+    with pytest.raises(ValueError, match="mixture_score"):
+        hmm_realign(feats, durs, units, start, len(TONE_FREQS) + 1, dataclasses.replace(cfg, mixture_score="avg"))
+
+
 def test_utterance_too_fast_for_three_states_keeps_its_start():
     wavs, units, true_ends = tone_corpus(6, seed=6)
     cfg = HMMConfig(sample_rate=TONE_SR, schedule=(1, 1))
