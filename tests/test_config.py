@@ -61,6 +61,10 @@ def test_command_line_overrides():
         load_options({"corpus": "c", "scores": "viterbi"})
     with pytest.raises(UserError, match="not both"):
         load_options({"corpus": "c", "calibration": "a.json", "labelled": "b.tsv"})
+    assert opts.hmm_aligner.mixture_score == "sum"  # the default; max reaches the HMM-GMMs' config
+    assert load_options({"corpus": "c", "hmm_mixture_score": "max"}).hmm_aligner.mixture_score == "max"
+    with pytest.raises(UserError, match="--hmm_mixture_score must be one of sum, max"):
+        load_options({"corpus": "c", "hmm_mixture_score": "mean"})
 
 
 def test_export_help_lists_every_option():
