@@ -705,7 +705,7 @@ def _refine(passed: list[Alignment], vocab, device: str, opts: ExportOptions, la
     from common.audio import load_audio
     from common.refine import cap_final_phone, refine_boundaries
 
-    cfg = opts.refiner
+    cfg = dataclasses.replace(opts.refiner, precision=resolve_precision(opts.precision, device))
     first_ends = [a.unit_ends() for a in passed]
     log = (lambda m: print(m, flush=True)) if opts.progress and shard.main else None
     fixed = {i: calibration.pin_to_reference(passed[i].units, first_ends[i], ref, cfg.hop_ms / 1000.0)

@@ -72,6 +72,8 @@ class RefineConfig:
     seed: int = 0
     sample_rate: int = 16000
     phone_features: bool = False  # token logits share a projection of the tokens' phonological features
+    precision: str = "fp32"  # the classifier's compute: fp32 or bf16 (autocast; the export passes its resolved
+    # --precision: bf16 on CUDA and on CPUs with native bf16, where it trains ~2x faster)
 
 
 class FrameClassifier(nn.Module):
@@ -164,6 +166,14 @@ def _pad(feats: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]
     return x.to(device), lens
 
 
+def _autocast(device: str, cfg: RefineConfig):
+    """bf16 autocast around the classifier's forward pass when ``cfg.precision`` is bf16."""
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                          enabled=cfg.precision == "bf16")
+
+
 def train_classifier(model: FrameClassifier, feats: list[torch.Tensor], labels: list[np.ndarray], epochs: int,
                      cfg: RefineConfig, deadline: float | None = None, device: str = "cpu",
                      log=None) -> list[float]:
@@ -183,7 +193,8 @@ def train_classifier(model: FrameClassifier, feats: list[torch.Tensor], labels: 
             y = torch.full(x.shape[:2], IGNORE, dtype=torch.long)
             for b, i in enumerate(idx):
                 y[b, : len(labels[i])] = torch.from_numpy(labels[i])
-            logits = model(x, lens)
+            with _autocast(device, cfg):
+                logits = model(x, lens).float()
             loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(device).reshape(-1),
                                                ignore_index=IGNORE)
             opt.zero_grad(set_to_none=True)
@@ -218,7 +229,9 @@ def realign(model: FrameClassifier, feats: list[torch.Tensor], unit_ids: list[li
                        random.Random(0))
     for idx in shard.take(batches):
         x, lens = _pad([feats[i] for i in idx], device)
-        logp = torch.log_softmax(model(x, lens).float(), -1).cpu()
+        with _autocast(device, cfg):
+            logits = model(x, lens)
+        logp = torch.log_softmax(logits.float(), -1).cpu()
         scores, lengths = [], []
         for b, i in enumerate(idx):
             T = int(lens[b])

@@ -33,7 +33,9 @@ def test_unit_label_ids_edge_slots():
     assert unit_label_ids([5, 6], False, True, 0) == [5, 6, 0]
 
 
-def test_refine_moves_biased_boundaries_to_the_sound():
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_refine_moves_biased_boundaries_to_the_sound(precision):
+    # bf16: the classifier under autocast (the export's default where the CPU has native bf16): same result
     wavs, units, true_ends = tone_corpus(40, seed=3)
     # a first pass that is 30 ms late at every boundary (and noisy), as a biased recognizer gives
     rng = np.random.default_rng(0)
@@ -44,7 +46,7 @@ def test_refine_moves_biased_boundaries_to_the_sound():
         f[:-1] = np.minimum(f[:-1], f[-1] - 0.01)
         first.append(f)
     before = mean_inner_error_ms(first, true_ends)
-    cfg = RefineConfig(rounds=4, epochs=4, epochs_later=3, channels=64, sample_rate=SR)
+    cfg = RefineConfig(rounds=4, epochs=4, epochs_later=3, channels=64, sample_rate=SR, precision=precision)
     counts, confs, stats = refine(lambda i: wavs[i], len(wavs), units, first, len(FREQS) + 1, cfg)
     hop = cfg.hop_ms / 1000
     after_ends = []
@@ -55,6 +57,13 @@ def test_refine_moves_biased_boundaries_to_the_sound():
     assert before > 25 and after < 12, (before, after, stats)  # measured 7.7 ms; a wide classifier without margin: 30
     assert len(stats["rounds"]) == 4 and stats["rounds"][0]["mean_boundary_move_ms"] > 15
     assert all(len(cf) == len(u) and np.all((cf >= 0) & (cf <= 1)) for cf, u in zip(confs, units))
+
+
+def test_refine_rejects_an_unknown_precision():
+    wavs, units, true_ends = tone_corpus(2, seed=4)
+    cfg = RefineConfig(rounds=1, epochs=1, channels=8, sample_rate=SR, precision="fp16")
+    with pytest.raises(ValueError, match="precision must be fp32 or bf16"):
+        refine(lambda i: wavs[i], len(wavs), units, true_ends, len(FREQS) + 1, cfg)
 
 
 def test_refine_stops_at_the_time_cap():
