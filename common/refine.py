@@ -76,6 +76,9 @@ class RefineConfig:
     # --precision: bf16 on CUDA and on CPUs with native bf16, where it trains ~2x faster)
 
 
+REFINE_PRECISIONS = ("fp32", "bf16")
+
+
 class FrameClassifier(nn.Module):
     """log-mel frames -> per-frame token logits: a residual conv stack (TDNN-like; with the defaults 3 layers of
     kernel 5, a 65 ms receptive field at 5 ms frames). Convolutions only: on CPU they train several times faster
@@ -167,9 +170,7 @@ def _pad(feats: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _autocast(device: str, cfg: RefineConfig):
-    """bf16 autocast around the classifier's forward pass when ``cfg.precision`` is bf16."""
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
+    """bf16 autocast around the classifier's forward pass when ``cfg.precision`` is bf16 (checked by ``refine``)."""
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                           enabled=cfg.precision == "bf16")
 
@@ -263,6 +264,8 @@ def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[
     learns where the labeller puts boundaries). ``class_names[k]``: the token of class ``k``, for
     ``cfg.phone_features`` (``common.phonology``). Returns (per-unit frame counts at ``cfg.hop_ms``, per-unit
     confidence = mean classifier posterior over its frames, stats); wall-clock seconds go to ``timing``."""
+    if cfg.precision not in REFINE_PRECISIONS:
+        raise ValueError(f"precision must be {' or '.join(REFINE_PRECISIONS)}, got {cfg.precision!r}")
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     deadline = t0 + 60 * cfg.max_minutes if cfg.max_minutes > 0 else None
