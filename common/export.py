@@ -35,7 +35,7 @@ from common import frames as F
 from common.audio import AudioDataset, audio_info, length_buckets
 from common.calibration import Calibration
 from common.review import RULES as FLAG_RULES, review_flags
-from common.hmm import FLAT_INITS, MIXTURE_SCORES
+from common.hmm import FLAT_INITS, MIXTURE_SCORES, VARIANT_KEYS
 from common.refine import FUSIONS, HMM_INITS
 from common.corpus import read_matcha, read_phones_tsv
 from common.ddp import Shard
@@ -157,6 +157,8 @@ class ExportOptions:
             v = getattr(self, k)
             if v is not None and not isinstance(v, Path):
                 object.__setattr__(self, k, Path(str(v)))
+        members = self.hmm_variants if isinstance(self.hmm_variants, (list, tuple)) else []
+        unknown_keys = sorted({str(k) for v in members if isinstance(v, dict) for k in v} - set(VARIANT_KEYS))
         checks = [
             (self.scores in A.SCORE_KINDS, f"--scores must be one of {', '.join(A.SCORE_KINDS)}, got {self.scores!r}"),
             (self.precision in PRECISIONS,
@@ -170,6 +172,8 @@ class ExportOptions:
             (self.hmm_rounds >= 1, f"--hmm_rounds must be >= 1, got {self.hmm_rounds}"),
             (isinstance(self.hmm_variants, (list, tuple)) and all(isinstance(v, dict) for v in self.hmm_variants),
              f"--hmm_variants must be a list of {{key: value}} maps, got {self.hmm_variants!r}"),
+            (not unknown_keys, f"--hmm_variants: unknown key(s) {', '.join(unknown_keys)}; a member may change "
+                               f"{', '.join(VARIANT_KEYS)}"),
             (self.batch_seconds > 0, f"--batch_seconds must be > 0, got {self.batch_seconds}"),
             (self.hop_length > 0, f"--hop_length must be > 0, got {self.hop_length}"),
             (self.limit >= 0 and self.plots >= 0, "--limit and --plots must be >= 0"),

@@ -29,6 +29,7 @@ import torch
 from common import frames as F
 from common.ddp import SINGLE, Shard
 from common.mas import mas_frames
+from common.phonology import CONTEXT_SILENCE
 from common.audio import length_buckets, sample_hours
 
 LOG2PI = math.log(2 * math.pi)
@@ -69,6 +70,13 @@ class HMMConfig:
     variants: tuple = ()  # an ensemble: one HMM-GMM per entry (a dict of the fields it changes, e.g. the MFCC window),
     # their boundaries averaged (hmm_ensemble); () = one HMM-GMM with this config
     rounds: int = 1  # ensemble rounds: every later round re-trains each variant from the previous round's mean
+    context_min_count: int = 0  # >0: context-dependent edge states (a light form of triphones): a unit's first
+    # (last) state gets GMMs of its own for each manner class of the unit before (after) it (``unit_classes``,
+    # common.phonology.context_class) that occurs at least this often in the corpus; rarer contexts share the unit's
+    # context-free state; 0 = monophones
+    unit_classes: tuple = ()  # the context class of every unit id (the export gives its tokens' manner classes)
+    context_passes: int = 0  # >0: only the schedule's last this many passes are context-dependent, the ones before
+    # train monophones (as MFA's triphone stage starts from its monophone alignment); 0 = every pass
     mixture_score: str = "sum"  # how alignment scores a frame under a state's GMM: "sum" (log of the mixture's
     # density, as Kaldi) or "max" (its best Gaussian: no exp per Gaussian, ~2x faster passes); the GMMs' EM
     # re-estimation is exact either way
@@ -80,6 +88,12 @@ class HMMConfig:
 
     def feature_key(self) -> tuple:
         return (self.sample_rate, self.hop_ms, self.delta_ms, self.win_ms)
+
+
+# what an ensemble member (``HMMConfig.variants`` entry) may change: any field but the ensemble's own and the
+# export-given unit classes
+VARIANT_KEYS = tuple(f.name for f in dataclasses.fields(HMMConfig) if f.name not in ("variants", "rounds",
+                                                                                      "unit_classes"))
 
 
 class MFCC:
@@ -191,24 +205,71 @@ def viterbi(model: StateGMMs, feats: list[torch.Tensor], seqs: list[torch.Tensor
     return [out[i] for i in range(len(feats))]
 
 
-def state_sequences(unit_ids: list[list[int]], states: int) -> list[torch.Tensor]:
+def state_sequences(unit_ids: list[list[int]], states: int, ctx: "ContextStates | None" = None
+                    ) -> list[torch.Tensor]:
+    """Each utterance's state ids: unit ``u``'s k-th state is ``u * states + k``, or with ``ctx`` its first/last
+    state's context-dependent id where it has one."""
+    if ctx is not None:
+        return [ctx.sequence(ids) for ids in unit_ids]
     return [torch.tensor([u * states + k for u in ids for k in range(states)], dtype=torch.long) for ids in unit_ids]
+
+
+class ContextStates:
+    """Context-dependent edge states: a unit's first state split by the manner class of the unit before it, its
+    last state by the class of the unit after it (the row's edges count as silence), for every (unit, side,
+    class) seen at least ``min_count`` times in ``unit_ids``; ids from ``n_units * states`` on. Its middle
+    states, and its edges in rarer contexts, stay context-free. With one state per unit both sides share it: the
+    right context then decides."""
+
+    SILENCE = CONTEXT_SILENCE  # what lies beyond a row's edges
+
+    def __init__(self, unit_ids: list[list[int]], n_units: int, states: int, classes, min_count: int):
+        self.states, self.classes = states, np.asarray(classes, dtype=np.int64)
+        if len(self.classes) < n_units:
+            raise ValueError(f"unit_classes has {len(self.classes)} entries for {n_units} units")
+        seen: dict[tuple[int, int, int], int] = {}
+        for ids in unit_ids:
+            for key in self._keys(ids):
+                for k in key:
+                    seen[k] = seen.get(k, 0) + 1
+        self.ids: dict[tuple[int, int, int], int] = {}
+        for k in sorted(k for k, n in seen.items() if n >= min_count):
+            self.ids[k] = n_units * states + len(self.ids)
+        self.n_states = n_units * states + len(self.ids)
+
+    def _keys(self, ids: list[int]):
+        c = self.classes
+        for j, u in enumerate(ids):
+            left = int(c[ids[j - 1]]) if j > 0 else self.SILENCE
+            right = int(c[ids[j + 1]]) if j + 1 < len(ids) else self.SILENCE
+            yield (u, 0, left), (u, 1, right)
+
+    def sequence(self, ids: list[int]) -> torch.Tensor:
+        S, out = self.states, []
+        for u, (lk, rk) in zip(ids, self._keys(ids)):
+            row = [u * S + k for k in range(S)]
+            row[0] = self.ids.get(lk, row[0])
+            row[-1] = self.ids.get(rk, row[-1])
+            out.extend(row)
+        return torch.tensor(out, dtype=torch.long)
 
 
 def train_align(feats: list[torch.Tensor], unit_ids: list[list[int]], n_units: int, cfg: HMMConfig,
                 init_counts: list[np.ndarray] | None = None, log=None,
-                shard: Shard = SINGLE) -> tuple[list[np.ndarray], dict, StateGMMs]:
+                shard: Shard = SINGLE, ctx: ContextStates | None = None) -> tuple[list[np.ndarray], dict, StateGMMs]:
     """Viterbi training from ``init_counts`` (frames per unit; None: a flat start), one re-estimation and one
     re-alignment per ``cfg.schedule`` entry. Returns (frames per state per utterance, stats, the model). Under
-    ``shard`` rank 0 re-estimates and shares the model, every process aligns its share."""
+    ``shard`` rank 0 re-estimates and shares the model, every process aligns its share. ``ctx``: context-dependent
+    edge states (``ContextStates``)."""
     S = cfg.states
-    seqs = state_sequences(unit_ids, S)
-    model = StateGMMs(n_units * S, feats[0].shape[1])
+    seqs = state_sequences(unit_ids, S, ctx)
+    n_states = ctx.n_states if ctx is not None else n_units * S
+    model = StateGMMs(n_states, feats[0].shape[1])
     if init_counts is None:
         counts = [np.diff(np.linspace(0, f.shape[0], len(s) + 1).round().astype(np.int64))
                   for f, s in zip(feats, seqs)]
-    else:
-        counts = [split_counts(c, S) for c in init_counts]
+    else:  # frames per unit (or per state already)
+        counts = [c if len(c) == len(s) else split_counts(c, S) for c, s in zip(init_counts, seqs)]
     x_all = torch.cat(feats)
     stats = {"passes": [], "frames": int(x_all.shape[0])}
     for p, n_mix in enumerate(cfg.schedule):
@@ -216,8 +277,8 @@ def train_align(feats: list[torch.Tensor], unit_ids: list[list[int]], n_units: i
         if shard.main:
             labels = np.concatenate([np.repeat(s.numpy(), c) for s, c in zip(seqs, counts)])
             model.reestimate(x_all, labels, n_mix, cfg.em_iters)
-            stay = np.zeros(n_units * S)
-            visits = np.zeros(n_units * S)
+            stay = np.zeros(n_states)
+            visits = np.zeros(n_states)
             for s, c in zip(seqs, counts):
                 np.add.at(stay, s.numpy(), np.maximum(c - 1, 0))
                 np.add.at(visits, s.numpy(), 1)
@@ -325,6 +386,8 @@ def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: lis
         sil = set(int(x) for x in cfg.silence_ids)
         unit_ids = [list(u[:-1]) + [n_units] if len(u) > 1 and u[-1] in sil else list(u) for u in unit_ids]
         cfg = dataclasses.replace(cfg, silence_ids=(*cfg.silence_ids, n_units), split_trailing_silence=False)
+        if cfg.unit_classes:
+            cfg = dataclasses.replace(cfg, unit_classes=(*cfg.unit_classes[:n_units], ContextStates.SILENCE))
         n_units += 1
     hop_s = cfg.hop_ms / 1000.0
     n_utts = len(feats)
@@ -350,19 +413,34 @@ def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: lis
             init = [energy_flat_start(feats[i], unit_ids[i], cfg.silence_ids, cfg.states, min_share) for i in train]
         else:
             init = None
-        counts, st, model = train_align([feats[i] for i in train], [unit_ids[i] for i in train], n_units, cfg, init,
-                                        log, shard)
+        ctx = None
+        if cfg.context_min_count > 0:
+            if not cfg.unit_classes:
+                raise ValueError("context_min_count > 0 needs unit_classes (the context class of every unit)")
+            # counted on the rows that train the GMMs: every context state has frames to be estimated from
+            ctx = ContextStates([unit_ids[i] for i in train], n_units, cfg.states, cfg.unit_classes,
+                                cfg.context_min_count)
+            stats["context_states"] = len(ctx.ids)
+        train_feats, train_ids = [feats[i] for i in train], [unit_ids[i] for i in train]
+        last, mono_passes = cfg, []
+        if ctx is not None and 0 < cfg.context_passes < len(cfg.schedule):  # monophones first
+            k = cfg.context_passes
+            init, st, _ = train_align(train_feats, train_ids, n_units,
+                                      dataclasses.replace(cfg, schedule=tuple(cfg.schedule[:-k])), init, log, shard)
+            last, mono_passes = dataclasses.replace(cfg, schedule=tuple(cfg.schedule[-k:])), st["passes"]
+        counts, st, model = train_align(train_feats, train_ids, n_units, last, init, log, shard, ctx)
+        st["passes"] = mono_passes + st["passes"]
         stats.update(st, train_utts=len(train), train_audio_s=round(acc, 1))
         rest = sorted(set(ok) - set(train))
         if rest:
             counts = counts + viterbi(model, [feats[i] for i in rest],
-                                      state_sequences([unit_ids[i] for i in rest], cfg.states), shard=shard,
+                                      state_sequences([unit_ids[i] for i in rest], cfg.states, ctx), shard=shard,
                                       mixture=cfg.mixture_score)
         for i, c in zip(train + rest, counts):
             out[i] = F.frame_ends_seconds(c.reshape(-1, cfg.states).sum(1), hop_s, durations[i])
         if row_fit:  # per row (None where not aligned): common.review's goodness-of-fit statistic
             fits = fit_gaps(model, [feats[i] for i in train + rest],
-                            state_sequences([unit_ids[i] for i in train + rest], cfg.states), counts,
+                            state_sequences([unit_ids[i] for i in train + rest], cfg.states, ctx), counts,
                             cfg.mixture_score)
             stats["row_fit"] = [None] * n_utts
             for i, g in zip(train + rest, fits):

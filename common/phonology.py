@@ -87,3 +87,27 @@ def tie_units(tokens: list[str], counts, min_count: int) -> np.ndarray:
         best = cand[np.lexsort((-counts[cand], dist))[0]]
         out[k] = best
     return out
+
+
+CONTEXT_CLASSES = ("other", "silence", "vowel", "stop", "fricative", "nasal", "approximant")
+CONTEXT_SILENCE = CONTEXT_CLASSES.index("silence")
+
+
+@functools.lru_cache(maxsize=None)
+def context_class(token: str) -> int:
+    """A coarse manner class of a token (index into ``CONTEXT_CLASSES``), from its features: the context that
+    shapes a neighbouring phone's edge (a vowel's end before a stop closure differs from its end before a nasal).
+    A token without features (a word separator, an unknown label) is ``other``."""
+    f = token_features(token)
+    if f[-1] > 0:
+        return CONTEXT_SILENCE
+    if not any(f):
+        return CONTEXT_CLASSES.index("other")
+    v = dict(zip(_table().names, f[:N_PANPHON]))
+    if v["syl"] > 0:
+        name = "vowel"
+    elif v["son"] > 0:
+        name = "nasal" if v["nas"] > 0 else "approximant"
+    else:
+        name = "fricative" if v["cont"] > 0 else "stop"
+    return CONTEXT_CLASSES.index(name)

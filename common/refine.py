@@ -458,6 +458,12 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
         tied = tie_units(class_names, occ, hmm.tie_min_count)
         hmm_ids = [tied[np.asarray(u, dtype=np.int64)].tolist() for u in unit_ids]
         stats["hmm_tied_units"] = int((tied != np.arange(n_tokens)).sum())
+    if any(c.context_min_count > 0 for c in hmm.variant_configs()) and not hmm.unit_classes:
+        if class_names is None:
+            raise ValueError("context_min_count needs the token name of every class (class_names)")
+        from common.phonology import context_class
+
+        hmm = dataclasses.replace(hmm, unit_classes=tuple(context_class(t) for t in class_names))
     if hmm_init not in HMM_INITS:
         raise ValueError(f"hmm_init must be one of {HMM_INITS}, got {hmm_init!r}")
     start = ("from_classifier", ends) if hmm_init == "classifier" and cfg.rounds > 0 else \

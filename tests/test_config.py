@@ -65,6 +65,10 @@ def test_command_line_overrides():
     assert load_options({"corpus": "c", "hmm_mixture_score": "max"}).hmm_aligner.mixture_score == "max"
     with pytest.raises(UserError, match="--hmm_mixture_score must be one of sum, max"):
         load_options({"corpus": "c", "hmm_mixture_score": "mean"})
+    with pytest.raises(UserError, match="--hmm_variants: unknown key.s. win; a member may change .*win_ms"):
+        load_options({"corpus": "c", "hmm_variants": [{"win_ms": 25.0}, {"win": 15.0}]})
+    ctx = load_options({"corpus": "c", "hmm_variants": [{"win_ms": 25.0, "context_min_count": 20}]})
+    assert ctx.hmm_aligner.variant_configs()[0].context_min_count == 20
 
 
 def test_export_help_lists_every_option():

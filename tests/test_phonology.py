@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.phonology import DIM, N_PANPHON, tie_units, token_features, unit_features
+from common.phonology import (CONTEXT_CLASSES, DIM, N_PANPHON, context_class, tie_units, token_features,
+                              unit_features)
 
 
 def test_ipa_arpabet_silence_and_symbols_without_features():
@@ -39,3 +40,11 @@ def test_rare_units_join_the_nearest_frequent_unit():
 @pytest.mark.parametrize("label", ["j͡a", "h̩͡ŋ", "a˥", "ŋ͡m"])
 def test_contour_and_tone_labels_get_features(label):
     assert np.abs(np.array(token_features(label))[:N_PANPHON]).sum() > 0
+
+
+def test_context_classes_of_ipa_arpabet_and_silence():
+    got = {t: CONTEXT_CLASSES[context_class(t)] for t in
+           ("a", "ɔɪ", "aa", "p", "t͡ʃ", "ch", "s", "ʃ", "m", "ŋ", "l", "j", "pau", "<sil>", "|")}
+    assert got == {"a": "vowel", "ɔɪ": "vowel", "aa": "vowel", "p": "stop", "t͡ʃ": "stop", "ch": "stop",
+                   "s": "fricative", "ʃ": "fricative", "m": "nasal", "ŋ": "nasal", "l": "approximant",
+                   "j": "approximant", "pau": "silence", "<sil>": "silence", "|": "other"}
