@@ -140,6 +140,9 @@ class ExportOptions:
     fusion_gate_ms: float
     fusion_first_pass: float
     final_cap: float
+    closure_snap: float
+    closure_window_ms: list
+    closure_offset_ms: float
     dump_members: bool
     long_row_s: float
     piece_s: float
@@ -190,6 +193,11 @@ class ExportOptions:
             (self.hmm_flat_init in FLAT_INITS,
              f"--hmm_flat_init must be one of {', '.join(FLAT_INITS)}, got {self.hmm_flat_init!r}"),
             (self.fusion_first_pass >= 0 and self.final_cap >= 0, "--fusion_first_pass and --final_cap must be >= 0"),
+            (0.0 <= self.closure_snap <= 1.0, f"--closure_snap must be in [0, 1], got {self.closure_snap}"),
+            (isinstance(self.closure_window_ms, (list, tuple)) and len(self.closure_window_ms) == 2
+             and all(isinstance(x, (int, float)) and x >= 0 for x in self.closure_window_ms)
+             and sum(self.closure_window_ms) > 0,
+             f"--closure_window_ms must be [before, after] in ms (>= 0, not both 0), got {self.closure_window_ms!r}"),
             (self.long_row_s <= 0 or 0 < self.piece_s <= self.long_row_s,
              f"--piece_s must be in (0, --long_row_s], got {self.piece_s} and {self.long_row_s}"),
             (self.styletts2_asr is not None or self.styletts2_config is None,
@@ -707,6 +715,7 @@ def _refine(passed: list[Alignment], vocab, device: str, opts: ExportOptions, la
     stats. ``labelled[i]``: reference segments of row ``i``, whose boundaries become the refiner's training
     labels for that row."""
     from common.audio import load_audio
+    from common.landmarks import ClosureSnap
     from common.refine import cap_final_phone, refine_boundaries
 
     cfg = dataclasses.replace(opts.refiner, precision=resolve_precision(opts.precision, device))
@@ -723,7 +732,8 @@ def _refine(passed: list[Alignment], vocab, device: str, opts: ExportOptions, la
         [a.unit_ids() for a in passed], first_ends, len(vocab), cfg, hmm, opts.hmm_weight,
         opts.hmm_flat_start_schedule, device, log, fixed, timing, shard, opts.fusion, opts.fusion_first_pass,
         [SIL if k == BLANK_ID else t for k, t in enumerate(vocab.tokens)],  # class 0: the edge silence slots
-        opts.hmm_init, opts.fusion_gate_ms / 1000.0, opts.hmm_flat_single)
+        opts.hmm_init, opts.fusion_gate_ms / 1000.0, opts.hmm_flat_single,
+        ClosureSnap(opts.closure_snap, *map(float, opts.closure_window_ms), opts.closure_offset_ms))
     fits = stats.pop("row_fit", None) or [None] * len(passed)
     if opts.final_cap > 0:
         stats["final_capped"] = cap_final_phone([a.units for a in passed], ends, opts.final_cap, SILENCE_TOKENS)

@@ -397,7 +397,7 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
                       fixed_ends_s: dict[int, np.ndarray] | None = None, timing: dict | None = None,
                       shard: Shard = SINGLE, fusion: str = "mean", first_pass_weight: float = 0.0,
                       class_names: list[str] | None = None, hmm_init: str = "classifier", gate_s: float = 0.04,
-                      flat_single: bool = False,
+                      flat_single: bool = False, closure=None,
                       ) -> tuple[list[np.ndarray], float, list[np.ndarray], dict, dict[str, list]]:
     """Refine every utterance's first-pass boundaries: ``refine`` (the frame classifier; skipped when
     ``cfg.rounds`` is 0: the HMM-GMMs then start from the first pass); then, when ``hmm_weight`` > 0, two HMM-GMM
@@ -409,7 +409,8 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
     ``hmm_weight`` shared equally by the HMM-GMM alignments and ``first_pass_weight`` for the first pass itself;
     ``flat_single``: the flat-start ensemble's first plain HMM-GMM (first variant, first round: MFA's monophone
     stage, ``common.hmm.Ensemble.first``) is a member of its own too; before the rounds pull it towards the other
-    variants it shares nothing with the recognizer or the other members. With
+    variants it shares nothing with the recognizer or the other members. ``closure``
+    (``common.landmarks.ClosureSnap``): the fused vowel|stop boundaries move towards the closure landmark. With
     ``hmm.tie_min_count``, rare units share a frequent similar unit's GMMs (``common.phonology.tie_units``, from
     ``class_names``). ``load_wav(i)``: utterance ``i`` at ``cfg.sample_rate`` (read once for every pass). Returns
     (unit end times per utterance, the grid (s) they are on: the classifier's hop, or 1 ms when fused; the
@@ -418,17 +419,21 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
     per stage go to ``timing``. Under ``shard`` (a torchrun export) the classifier and the HMM-GMMs are trained by
     rank 0 and shared, and each process aligns its share of the batches."""
     from common.hmm import FLAT_START_SCHEDULE, FeatureBank, hmm_ensemble
+    from common.landmarks import energy_envelope, snap_closures
 
     timing = {} if timing is None else timing
     use_hmm = hmm is not None and hmm_weight > 0
     if cfg.rounds <= 0 and not use_hmm:
         raise ValueError("refinement needs the frame classifier (rounds > 0) or the HMM-GMMs (hmm_weight > 0)")
     bank = FeatureBank(hmm.variant_configs()) if use_hmm else None
+    envelopes = [] if use_hmm and closure is not None and closure.active else None
 
     def load(i: int) -> torch.Tensor:  # the audio is read once for every pass
         w = load_wav(i)
         if bank is not None:
             bank.add(w)
+        if envelopes is not None:
+            envelopes.append(energy_envelope(w, cfg.sample_rate))
         return w
 
     named = {"first_pass": list(first_ends_s)}
@@ -487,4 +492,19 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
     # each row's HMM-GMM fit gap (common.hmm.fit_gaps), the mean of the two alignments': for the review flags
     have = [[f[i] for f in fits if f[i] is not None] for i in range(len(durations))]
     stats["row_fit"] = [round(float(np.mean(h)), 4) if h else None for h in have]
-    return fuse_boundaries(members, ends, fusion, gate_s), FUSION_GRID_S, confs, stats, named
+    fused = fuse_boundaries(members, ends, fusion, gate_s)
+    if envelopes is not None:  # vowel|stop boundaries towards the closure landmark
+        if class_names is None:
+            raise ValueError("closure snapping needs the token name of every class (class_names)")
+        from common.phonology import CONTEXT_CLASSES, context_class
+
+        kind = np.asarray([context_class(t) for t in class_names])
+        vowel, stop = kind == CONTEXT_CLASSES.index("vowel"), kind == CONTEXT_CLASSES.index("stop")
+        moved = 0
+        for i, (e, u) in enumerate(zip(fused, unit_ids)):
+            u = np.asarray(u, dtype=np.int64)
+            e = np.array(e, dtype=np.float64)
+            moved += snap_closures(e, vowel[u], stop[u], envelopes[i], closure)
+            fused[i] = e
+        stats["closures_snapped"] = moved
+    return fused, FUSION_GRID_S, confs, stats, named
