@@ -116,6 +116,10 @@ def test_pt_layout_sums_to_matcha_mels(corpus_copy):
     assert len(hmm["from_first_pass"]["runs"][0]["passes"]) == 5 and len(hmm["flat_start"]["runs"][0]["passes"]) == 12
     assert len(hmm["flat_start"]["runs"][3]["passes"]) == 5  # later rounds: the short schedule from the mean
     assert all(h["skipped_too_fast"] == 0 and h["frames"] > 0 for e in hmm.values() for h in e["runs"])
+    # the 2nd and 3rd members have context-dependent edge states, the 1st (the flat start's first, MFA's monophones)
+    # has none; then vowel|stop boundaries move towards the closure landmark (common/landmarks.py)
+    assert all(["context_states" in h for h in e["runs"][:3]] == [False, True, True] for e in hmm.values())
+    assert rep["refine"]["closures_snapped"] > 0
     # the review statistics: the HMM-GMM fit of every row beside the recognizer's
     assert all(u["hmm_fit"] > -1e-6 and "ctc_gap" in u for u in rep["utterances"].values())
     assert not _on_grid(al, 0.005) and _on_grid(al, 0.001)
