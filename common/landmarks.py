@@ -46,7 +46,7 @@ def energy_envelope(wav: torch.Tensor, sample_rate: int) -> np.ndarray:
     3 steps: float32 [1 + len // hop]."""
     hop, win = max(1, int(round(HOP_S * sample_rate))), max(2, int(round(WIN_S * sample_rate)))
     x = torch.nn.functional.pad(wav.float().reshape(1, 1, -1), (win // 2, win // 2)).reshape(-1)
-    frames = x[: (len(x) - win) // hop * hop + win].unfold(0, win, hop) if len(x) >= win else x.reshape(1, -1)
+    frames = x.unfold(0, win, hop)  # the padding makes x at least one window long
     db = 10.0 * torch.log10(frames.pow(2).mean(1) + 1e-10)
     db = torch.nn.functional.avg_pool1d(db.reshape(1, 1, -1), 3, 1, 1, count_include_pad=False).reshape(-1)
     return db.numpy().astype(np.float32)
