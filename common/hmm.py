@@ -129,14 +129,16 @@ class StateGMMs:
 
     def loglik(self, x: torch.Tensor, states: torch.Tensor, mixture: str = "sum") -> torch.Tensor:
         """x [T, D], state ids [S] -> log p(x_t | state) [S, T]: the log-sum over each state's mixture, or with
-        ``mixture="max"`` its best Gaussian's weighted log density (the Viterbi approximation of the mixture)."""
+        ``mixture="max"`` its best Gaussian's weighted log density (the Viterbi approximation of the mixture).
+        A state that recurs in ``states`` (a phone said twice) is scored once."""
+        states, inverse = torch.unique(states, return_inverse=True)
         mu, var, logw = self.mu[states], self.var[states], self.logw[states]  # [S, M, D], [S, M]
         S, M, D = mu.shape
         ivar = 1.0 / var
         const = logw - 0.5 * (torch.log(var).sum(-1) + (mu * mu * ivar).sum(-1) + D * LOG2PI)  # [S, M]
         quad = (x * x) @ ivar.reshape(S * M, D).t() - 2.0 * (x @ (mu * ivar).reshape(S * M, D).t())
         z = (const.reshape(1, S * M) - 0.5 * quad).reshape(-1, S, M)
-        return (z.amax(-1) if mixture == "max" else torch.logsumexp(z, dim=-1)).t()
+        return (z.amax(-1) if mixture == "max" else torch.logsumexp(z, dim=-1)).t()[inverse]
 
     def reestimate(self, x_all: torch.Tensor, labels: np.ndarray, n_mix: int, em_iters: int) -> None:
         """Fit each state's GMM to its frames (rows of ``x_all`` whose label is the state), splitting its heaviest
