@@ -35,7 +35,7 @@ from common import frames as F
 from common.audio import AudioDataset, audio_info, length_buckets
 from common.calibration import Calibration
 from common.review import RULES as FLAG_RULES, review_flags
-from common.hmm import FLAT_INITS, MIXTURE_SCORES, VARIANT_KEYS
+from common.hmm import ENSEMBLE_WEIGHTS, FLAT_INITS, MIXTURE_SCORES, POSTERIOR_POINTS, VARIANT_KEYS
 from common.refine import FUSIONS, HMM_INITS
 from common.corpus import read_matcha, read_phones_tsv
 from common.ddp import Shard
@@ -136,6 +136,10 @@ class ExportOptions:
     hmm_rounds: int
     hmm_flat_single: bool
     hmm_mixture_score: str
+    hmm_posterior_scale: float
+    hmm_posterior_point: str
+    hmm_ensemble_weights: str
+    hmm_sd_floor_ms: float
     fusion: str
     fusion_gate_ms: float
     fusion_first_pass: float
@@ -190,6 +194,12 @@ class ExportOptions:
             (self.hmm_init in HMM_INITS, f"--hmm_init must be one of {', '.join(HMM_INITS)}, got {self.hmm_init!r}"),
             (self.hmm_mixture_score in MIXTURE_SCORES,
              f"--hmm_mixture_score must be one of {', '.join(MIXTURE_SCORES)}, got {self.hmm_mixture_score!r}"),
+            (self.hmm_posterior_scale >= 0, f"--hmm_posterior_scale must be >= 0, got {self.hmm_posterior_scale}"),
+            (self.hmm_ensemble_weights in ENSEMBLE_WEIGHTS,
+             f"--hmm_ensemble_weights must be one of {', '.join(ENSEMBLE_WEIGHTS)}, got {self.hmm_ensemble_weights!r}"),
+            (self.hmm_sd_floor_ms > 0, f"--hmm_sd_floor_ms must be > 0, got {self.hmm_sd_floor_ms}"),
+            (self.hmm_posterior_point in POSTERIOR_POINTS,
+             f"--hmm_posterior_point must be one of {', '.join(POSTERIOR_POINTS)}, got {self.hmm_posterior_point!r}"),
             (self.hmm_flat_init in FLAT_INITS,
              f"--hmm_flat_init must be one of {', '.join(FLAT_INITS)}, got {self.hmm_flat_init!r}"),
             (self.fusion_first_pass >= 0 and self.final_cap >= 0, "--fusion_first_pass and --final_cap must be >= 0"),

@@ -28,7 +28,7 @@ import torch
 
 from common import frames as F
 from common.ddp import SINGLE, Shard
-from common.mas import mas_frames
+from common.mas import _numba_available, mas_frames
 from common.phonology import CONTEXT_SILENCE
 from common.audio import length_buckets, sample_hours
 
@@ -38,6 +38,8 @@ VAR_FLOOR = 1e-3
 
 FLAT_INITS = ("even", "vad", "auto")
 MIXTURE_SCORES = ("sum", "max")
+ENSEMBLE_WEIGHTS = ("mean", "precision")  # how an ensemble averages its members (HMMConfig.ensemble_weights)
+POSTERIOR_POINTS = ("median", "mean")  # where a posterior_scale > 0 puts a boundary (HMMConfig.posterior_point)
 # Kaldi-like schedule for a flat start: three passes per mixture size, Gaussians doubled up to 8 per state
 FLAT_START_SCHEDULE = (1, 1, 1, 2, 2, 2, 4, 4, 4, 8, 8, 8)
 
@@ -77,6 +79,15 @@ class HMMConfig:
     unit_classes: tuple = ()  # the context class of every unit id (the export gives its tokens' manner classes)
     context_passes: int = 0  # >0: only the schedule's last this many passes are context-dependent, the ones before
     # train monophones (as MFA's triphone stage starts from its monophone alignment); 0 = every pass
+    ensemble_weights: str = "mean"  # an ensemble's members averaged plainly (mean) or, boundary by boundary,
+    # weighted by their posterior precision 1 / (sd^2 + sd_floor^2) (precision: needs posterior_scale > 0, else
+    # the plain mean)
+    sd_floor_ms: float = 5.0  # precision: added in quadrature to every member's posterior sd
+    posterior_point: str = "median"  # with posterior_scale > 0: each boundary at its posterior median or mean
+    posterior_scale: float = 0.0  # >0: the final alignment's unit boundaries are their posterior means
+    # (forward-backward over the same path scores as Viterbi, scaled by this acoustic scale: below 1 flattens the
+    # posterior, as Kaldi's lattice posteriors use 0.1) instead of the single best path's, in fractions of a frame;
+    # 0 = the Viterbi path (training passes always use it)
     mixture_score: str = "sum"  # how alignment scores a frame under a state's GMM: "sum" (log of the mixture's
     # density, as Kaldi) or "max" (its best Gaussian: no exp per Gaussian, ~2x faster passes); the GMMs' EM
     # re-estimation is exact either way
@@ -92,8 +103,8 @@ class HMMConfig:
 
 # what an ensemble member (``HMMConfig.variants`` entry) may change: any field but the ensemble's own and the
 # export-given unit classes
-VARIANT_KEYS = tuple(f.name for f in dataclasses.fields(HMMConfig) if f.name not in ("variants", "rounds",
-                                                                                      "unit_classes"))
+VARIANT_KEYS = tuple(f.name for f in dataclasses.fields(HMMConfig)
+                     if f.name not in ("variants", "rounds", "ensemble_weights", "sd_floor_ms", "unit_classes"))
 
 
 class MFCC:
@@ -205,6 +216,68 @@ def viterbi(model: StateGMMs, feats: list[torch.Tensor], seqs: list[torch.Tensor
             out[i] = fr
     out = shard.gather(out)
     return [out[i] for i in range(len(feats))]
+
+
+def boundary_posterior_means(v: np.ndarray, median: bool = False, with_var: bool = False):
+    """Path scores ``v`` [S, T] (a path visits states 0..S-1 in order, each for >= 1 frame, and scores the sum of
+    its cells, as ``mas_frames``) -> for each s < S-1 the posterior mean of the frame where state s + 1 begins,
+    over every path weighted by exp(score) (forward-backward in log space; float64 [S-1]). The numba kernel
+    (``common.mas_numba``) where numba is installed, else numpy (one vectorised step per frame, ~25x slower)."""
+    v = np.ascontiguousarray(v, dtype=np.float64)
+    if _numba_available():
+        from common.mas_numba import boundary_posterior_means as kernel
+
+        out, med, var = np.empty(v.shape[0] - 1), np.empty(v.shape[0] - 1), np.empty(v.shape[0] - 1)
+        kernel(v, out, med, var)
+        return ((med if median else out), var) if with_var else (med if median else out)
+    return _boundary_posterior_means_np(v, median, with_var)
+
+
+def _boundary_posterior_means_np(v: np.ndarray, median: bool = False, with_var: bool = False):
+    S, T = v.shape
+    ninf = np.full(1, -np.inf)
+    a = np.full((S, T), -np.inf)
+    b = np.full((S, T), -np.inf)
+    a[0, 0] = v[0, 0]
+    for t in range(1, T):
+        prev = a[:, t - 1]
+        a[:, t] = v[:, t] + np.logaddexp(prev, np.concatenate([ninf, prev[:-1]]))
+    b[S - 1, T - 1] = 0.0
+    for t in range(T - 2, -1, -1):
+        nxt = b[:, t + 1] + v[:, t + 1]
+        b[:, t] = np.logaddexp(nxt, np.concatenate([nxt[1:], ninf]))
+    # state s + 1 begins at frame t: the path is in s at t - 1 and in s + 1 at t
+    x = a[:-1, :-1] + v[1:, 1:] + b[1:, 1:]
+    x = np.exp(x - x.max(axis=1, keepdims=True))
+    x /= x.sum(axis=1, keepdims=True)
+    t = np.arange(1, T)
+    point = mean = (x * t).sum(axis=1)
+    if median:
+        cum = np.cumsum(x, axis=1)
+        k = np.minimum((cum < 0.5).sum(axis=1), T - 2)  # the first frame whose cumulative mass reaches a half
+        rows = np.arange(len(k))
+        before = np.where(k > 0, cum[rows, k - 1], 0.0)
+        point = k + 1 - 0.5 + (0.5 - before) / x[rows, k]
+    return (point, (x * (t - mean[:, None]) ** 2).sum(axis=1)) if with_var else point
+
+
+def posterior_ends(model: StateGMMs, feats: list[torch.Tensor], seqs: list[torch.Tensor], states: int,
+                   durations: list[float], hop_s: float, scale: float, mixture: str = "sum",
+                   point: str = "mean") -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Unit end times (s) at the posterior means (medians) of the unit boundaries (``boundary_posterior_means``
+    of the Viterbi path scores times ``scale``), under the centred-frame convention of
+    ``frames.frame_ends_seconds``; the last unit ends with the audio. Also each boundary's posterior standard
+    deviation (s; the last unit's end: 0)."""
+    out, sds = [], []
+    for f, s, dur in zip(feats, seqs, durations):
+        v = scale * (model.loglik(f, s, mixture) + model.log_self[s][:, None])
+        starts, var = boundary_posterior_means(v.double().numpy(), point == "median", with_var=True)
+        starts, var = starts[states - 1::states], var[states - 1::states]  # the units' first states
+        ends = np.clip((np.append(starts, np.inf) - 0.5) * hop_s, 0.0, dur)
+        ends[-1] = dur
+        out.append(np.maximum.accumulate(ends))
+        sds.append(np.append(np.sqrt(var), 0.0) * hop_s)
+    return out, sds
 
 
 def state_sequences(unit_ids: list[list[int]], states: int, ctx: "ContextStates | None" = None
@@ -372,7 +445,7 @@ def energy_flat_start(feat: torch.Tensor, units: list[int], silence_ids, states:
 def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: list[list[int]],
                 init_ends_s: list[np.ndarray] | None, n_units: int, cfg: HMMConfig | None = None,
                 log=None, timing: dict | None = None, shard: Shard = SINGLE,
-                row_fit: bool = False) -> tuple[list[np.ndarray | None], dict]:
+                row_fit: bool = False, keep_sd: bool = False) -> tuple[list[np.ndarray | None], dict]:
     """Viterbi-train on ``feats`` (``features()``, at ``cfg.hop_ms``) and re-align: ``unit_ids[i]`` are utterance
     ``i``'s unit class ids (< ``n_units``), ``init_ends_s[i]`` their end times (s) to start from (None: a flat
     start). Returns (unit end times (s) per utterance, None for one with fewer frames than states, stats); the
@@ -382,6 +455,8 @@ def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: lis
     t0 = time.time()
     if cfg.flat_init not in FLAT_INITS:
         raise ValueError(f"flat_init must be one of {FLAT_INITS}, got {cfg.flat_init!r}")
+    if cfg.posterior_point not in POSTERIOR_POINTS:
+        raise ValueError(f"posterior_point must be one of {POSTERIOR_POINTS}, got {cfg.posterior_point!r}")
     if cfg.mixture_score not in MIXTURE_SCORES:
         raise ValueError(f"mixture_score must be one of {MIXTURE_SCORES}, got {cfg.mixture_score!r}")
     if cfg.split_trailing_silence and cfg.silence_ids:  # the trailing silence unit becomes class n_units
@@ -438,8 +513,20 @@ def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: lis
             counts = counts + viterbi(model, [feats[i] for i in rest],
                                       state_sequences([unit_ids[i] for i in rest], cfg.states, ctx), shard=shard,
                                       mixture=cfg.mixture_score)
-        for i, c in zip(train + rest, counts):
-            out[i] = F.frame_ends_seconds(c.reshape(-1, cfg.states).sum(1), hop_s, durations[i])
+        if cfg.posterior_scale > 0:
+            ends, sds = posterior_ends(model, [feats[i] for i in train + rest],
+                                  state_sequences([unit_ids[i] for i in train + rest], cfg.states, ctx), cfg.states,
+                                  [durations[i] for i in train + rest], hop_s, cfg.posterior_scale,
+                                  cfg.mixture_score, cfg.posterior_point)
+            if keep_sd:
+                stats["boundary_sd"] = [None] * n_utts
+                for i, sd in zip(train + rest, sds):
+                    stats["boundary_sd"][i] = sd
+        else:
+            ends = [F.frame_ends_seconds(c.reshape(-1, cfg.states).sum(1), hop_s, durations[i])
+                    for i, c in zip(train + rest, counts)]
+        for i, e in zip(train + rest, ends):
+            out[i] = e
         if row_fit:  # per row (None where not aligned): common.review's goodness-of-fit statistic
             fits = fit_gaps(model, [feats[i] for i in train + rest],
                             state_sequences([unit_ids[i] for i in train + rest], cfg.states, ctx), counts,
@@ -458,6 +545,21 @@ def mean_ends(sets: list[list[np.ndarray | None]]) -> list[np.ndarray | None]:
     for i in range(len(sets[0])):
         have = [s[i] for s in sets if s[i] is not None]
         out.append(np.mean(np.stack(have), axis=0) if have else None)
+    return out
+
+
+def precision_mean_ends(sets, sds, floor_s: float) -> list[np.ndarray | None]:
+    """Per utterance and boundary, the members' unit end times weighted by 1 / (posterior sd^2 + floor^2): a
+    member whose posterior is sharp at a boundary counts more there."""
+    out = []
+    for i in range(len(sets[0])):
+        have = [(s[i], d[i]) for s, d in zip(sets, sds) if s[i] is not None and d[i] is not None]
+        if not have:
+            out.append(None)
+            continue
+        X = np.stack([e for e, _ in have])
+        W = 1.0 / (np.stack([d for _, d in have]) ** 2 + floor_s ** 2)
+        out.append(np.maximum.accumulate((W * X).sum(0) / W.sum(0)))
     return out
 
 
@@ -497,25 +599,32 @@ def hmm_ensemble(bank: FeatureBank, durations: list[float], unit_ids: list[list[
     ``later_schedule`` (default ``cfg.schedule``). Averaging members whose features differ (the MFCC window, the
     delta span, the number of states) cancels part of each one's own boundary error."""
     t0 = time.time()
+    if cfg.ensemble_weights not in ENSEMBLE_WEIGHTS:
+        raise ValueError(f"ensemble_weights must be one of {ENSEMBLE_WEIGHTS}, got {cfg.ensemble_weights!r}")
+    if cfg.sd_floor_ms <= 0:
+        raise ValueError(f"sd_floor_ms must be > 0, got {cfg.sd_floor_ms}")
     members = cfg.variant_configs()
     rounds = max(1, cfg.rounds)
     stats: dict = {"members": len(members), "rounds": rounds, "runs": []}  # runs: round by round
     init, first, row_fit = init_ends_s, None, None
     ends: list[np.ndarray | None] = [None] * len(durations)
     for r in range(rounds):
-        sets = []
+        sets, sds = [], []
         for k, m in enumerate(members):
             if r > 0:
                 m = dataclasses.replace(m, schedule=tuple(later_schedule or cfg.schedule))
             last = r == rounds - 1 and k == 0
-            e, st = hmm_realign(bank[m], durations, unit_ids, init, n_units, m, log, None, shard, row_fit=last)
+            e, st = hmm_realign(bank[m], durations, unit_ids, init, n_units, m, log, None, shard, row_fit=last,
+                                keep_sd=cfg.ensemble_weights == "precision")
+            sds.append(st.pop("boundary_sd", None))
             if last:
                 row_fit = st.pop("row_fit")
             if r == 0 and k == 0:
                 first = e
             sets.append(e)
             stats["runs"].append(st)
-        ends = mean_ends(sets)
+        ends = mean_ends(sets) if cfg.ensemble_weights == "mean" or None in sds else \
+            precision_mean_ends(sets, sds, cfg.sd_floor_ms / 1000.0)
         init = ends  # a row no member aligned (None) is left out of later rounds
     if timing is not None:
         timing["seconds"] = round(time.time() - t0, 2)

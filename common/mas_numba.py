@@ -119,3 +119,59 @@ def fill(path, idx, t_x, t_y):
         if t_x[b] > 0:
             for y in range(t_y[b]):
                 path[b, idx[b, y], y] = 1.0
+
+
+@njit(cache=True, nogil=True)
+def _log_add(x, y):
+    if x < y:
+        x, y = y, x
+    if y == -np.inf:
+        return x
+    return x + np.log1p(np.exp(y - x))
+
+
+@njit(cache=True, nogil=True)
+def boundary_posterior_means(v, out, med, var):
+    """Forward-backward over the MAS paths of v [S, T] (float64; a path visits states 0..S-1 in order, each for
+    >= 1 frame, and scores the sum of its cells): out[s] = the posterior mean of the frame where state s + 1
+    begins, med[s] its median (each frame's mass spread over +-half a frame), var[s] its variance (frames^2)
+    (``common.hmm``'s numpy twin)."""
+    S, T = v.shape
+    a = np.full((S, T), -np.inf)
+    b = np.full((S, T), -np.inf)
+    a[0, 0] = v[0, 0]
+    for t in range(1, T):
+        a[0, t] = a[0, t - 1] + v[0, t]
+        for s in range(1, S):
+            a[s, t] = _log_add(a[s, t - 1], a[s - 1, t - 1]) + v[s, t]
+    b[S - 1, T - 1] = 0.0
+    for t in range(T - 2, -1, -1):
+        for s in range(S - 1):
+            b[s, t] = _log_add(b[s, t + 1] + v[s, t + 1], b[s + 1, t + 1] + v[s + 1, t + 1])
+        b[S - 1, t] = b[S - 1, t + 1] + v[S - 1, t + 1]
+    for s in range(S - 1):
+        m = -np.inf
+        for t in range(1, T):
+            x = a[s, t - 1] + v[s + 1, t] + b[s + 1, t]
+            if x > m:
+                m = x
+        num = 0.0
+        den = 0.0
+        for t in range(1, T):
+            w = np.exp(a[s, t - 1] + v[s + 1, t] + b[s + 1, t] - m)
+            num += w * t
+            den += w
+        out[s] = num / den
+        sq = 0.0
+        for t in range(1, T):
+            w = np.exp(a[s, t - 1] + v[s + 1, t] + b[s + 1, t] - m)
+            sq += w * (t - out[s]) ** 2
+        var[s] = sq / den
+        acc = 0.0
+        med[s] = T - 1.0
+        for t in range(1, T):
+            w = np.exp(a[s, t - 1] + v[s + 1, t] + b[s + 1, t] - m) / den
+            if acc + w >= 0.5:
+                med[s] = t - 0.5 + (0.5 - acc) / w
+                break
+            acc += w

@@ -214,3 +214,89 @@ def test_ensemble_and_flat_start_pull_a_late_first_pass_back_to_the_sound_change
     assert mean_inner_error_ms(late, true_ends) == pytest.approx(25.0)
     assert mean_inner_error_ms(ends, true_ends) < 11 and abs(signed_ms(ends)) < 11  # measured 7.8 / +7.8 ms
     assert abs(signed_ms(named["hmm_flat_start"])) < 4  # the flat start knows nothing of the late start
+
+
+def test_boundary_posterior_means_match_enumeration_and_tend_to_the_viterbi_path():
+    import itertools
+
+    from common.hmm import _boundary_posterior_means_np, boundary_posterior_means
+    from common.mas import mas_frames
+
+    rng = np.random.default_rng(0)
+    S, T = 3, 7
+    v = rng.normal(size=(S, T))
+    mass = np.zeros((S - 1, T))  # mass[s, t]: P(state s + 1 begins at frame t)
+    for starts in itertools.combinations(range(1, T), S - 1):  # every monotonic path: where states 1.. begin
+        edges = (0, *starts, T)
+        w = np.exp(sum(v[s, edges[s]:edges[s + 1]].sum() for s in range(S)))
+        mass[np.arange(S - 1), list(starts)] += w
+    mass /= mass.sum(1, keepdims=True)
+    assert np.allclose(boundary_posterior_means(v), (mass * np.arange(T)).sum(1), atol=1e-9)
+    cum = np.cumsum(mass, 1)  # the median, each frame's mass spread over +-half a frame
+    k = (cum < 0.5).sum(1)
+    med = k - 0.5 + (0.5 - cum[np.arange(S - 1), k - 1]) / mass[np.arange(S - 1), k]
+    assert np.allclose(boundary_posterior_means(v, median=True), med, atol=1e-9)
+    big = rng.normal(size=(20, 90)) * 3
+    for median in (False, True):  # the numba kernel and its numpy twin
+        assert np.allclose(boundary_posterior_means(big, median), _boundary_posterior_means_np(big, median),
+                           atol=1e-8)
+    # sharp scores: the posterior mass sits on the best path
+    viterbi_starts = np.cumsum(mas_frames([torch.tensor(big * 50, dtype=torch.float32)], [90])[0])[:-1]
+    assert np.allclose(boundary_posterior_means(big * 50), viterbi_starts, atol=0.05)
+
+
+def test_posterior_mean_boundaries_beat_the_viterbi_frame_grid_on_tones():
+    wavs, units, true_ends = tone_corpus(30, seed=5)
+    cfg = HMMConfig(sample_rate=TONE_SR)
+    feats, durs = features(lambda i: wavs[i], len(wavs), cfg)
+    rng = np.random.default_rng(1)
+    start = [np.concatenate([e[:-1] + rng.uniform(-0.03, 0.03, len(e) - 1), e[-1:]]) for e in true_ends]
+    best, _ = hmm_realign(feats, durs, units, start, len(TONE_FREQS) + 1, cfg)
+    viterbi = mean_inner_error_ms(best, true_ends)
+    # measured 5.72 ms (Viterbi, on the 10 ms frame grid) -> 5.46 (the export's scale 0.1, median), 5.37 (0.1,
+    # mean), 5.05 (0.03, median)
+    for scale, point, gain in ((0.1, "median", 0.2), (0.1, "mean", 0.2), (0.03, "median", 0.5)):
+        post, _ = hmm_realign(feats, durs, units, start, len(TONE_FREQS) + 1,
+                              dataclasses.replace(cfg, posterior_scale=scale, posterior_point=point))
+        assert mean_inner_error_ms(post, true_ends) < viterbi - gain, (scale, point)
+    assert all(len(e) == len(u) and abs(e[-1] - d) < 1e-9 and np.all(np.diff(e) > 0)
+               for e, u, d in zip(post, units, durs))
+    with pytest.raises(ValueError, match="posterior_point"):
+        hmm_realign(feats, durs, units, start, len(TONE_FREQS) + 1,
+                    dataclasses.replace(cfg, posterior_scale=0.1, posterior_point="mode"))
+    frac = np.concatenate([e[:-1] / 0.01 % 1.0 for e in post])
+    assert np.mean(np.abs(frac - 0.5) > 0.01) > 0.5  # off the frame grid (Viterbi ends sit half a frame before one)
+
+
+def test_precision_weighted_ensemble_trusts_the_sure_member_boundary_by_boundary():
+    from common.hmm import FeatureBank, hmm_ensemble, precision_mean_ends
+
+    # two members of one row: the first sure of boundary 0 (sd 1 ms), the second sure of boundary 1
+    a, b = np.array([0.100, 0.300, 0.5]), np.array([0.140, 0.260, 0.5])
+    sa, sb = np.array([0.001, 0.030, 0.0]), np.array([0.030, 0.001, 0.0])
+    (ends,) = precision_mean_ends([[a], [b]], [[sa], [sb]], 0.005)
+    w_sure, w_unsure = 1 / (0.001 ** 2 + 0.005 ** 2), 1 / (0.030 ** 2 + 0.005 ** 2)
+    assert ends[0] == pytest.approx((w_sure * 0.100 + w_unsure * 0.140) / (w_sure + w_unsure))
+    assert ends[0] < 0.102 and ends[1] < 0.262 and ends[2] == 0.5
+    assert precision_mean_ends([[None], [b]], [[None], [sb]], 0.005)[0] is not None  # a member without the row
+    # the export's ensemble on tone words: posterior sds reach the average, and the result stays a tiling
+    from tests.utils import tone_words
+
+    wavs, units, true_ends = tone_words(12, seed=4)
+    durs = [len(w) / TONE_SR for w in wavs]
+    late = [np.r_[e[:-1] + 0.02, e[-1]] for e in true_ends]
+    cfg = HMMConfig(sample_rate=TONE_SR, silence_ids=(0,), variants=({"win_ms": 25.0}, {"win_ms": 15.0}),
+                    posterior_scale=0.1)
+    bank = FeatureBank(cfg.variant_configs())
+    for w in wavs:
+        bank.add(w)
+    plain = hmm_ensemble(bank, durs, units, late, len(TONE_FREQS) + 1, cfg)
+    prec = hmm_ensemble(bank, durs, units, late, len(TONE_FREQS) + 1,
+                        dataclasses.replace(cfg, ensemble_weights="precision"))
+    assert all(np.all(np.diff(e) > 0) and e[-1] == pytest.approx(d) for e, d in zip(prec.ends, durs))
+    moved = np.concatenate([p[:-1] - q[:-1] for p, q in zip(prec.ends, plain.ends)])
+    assert np.abs(moved).max() > 1e-4  # the weights differ from the plain mean somewhere
+    assert "boundary_sd" not in prec.stats["runs"][0]  # used, not reported
+    for bad in ({"ensemble_weights": "vote"}, {"sd_floor_ms": 0.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            hmm_ensemble(bank, durs, units, late, len(TONE_FREQS) + 1, dataclasses.replace(cfg, **bad))
