@@ -263,21 +263,23 @@ def _boundary_posterior_means_np(v: np.ndarray, median: bool = False, with_var: 
 
 def posterior_ends(model: StateGMMs, feats: list[torch.Tensor], seqs: list[torch.Tensor], states: int,
                    durations: list[float], hop_s: float, scale: float, mixture: str = "sum",
-                   point: str = "mean") -> tuple[list[np.ndarray], list[np.ndarray]]:
+                   point: str = "mean", shard: Shard = SINGLE) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Unit end times (s) at the posterior means (medians) of the unit boundaries (``boundary_posterior_means``
     of the Viterbi path scores times ``scale``), under the centred-frame convention of
     ``frames.frame_ends_seconds``; the last unit ends with the audio. Also each boundary's posterior standard
-    deviation (s; the last unit's end: 0)."""
-    out, sds = [], []
-    for f, s, dur in zip(feats, seqs, durations):
+    deviation (s; the last unit's end: 0). Under ``shard`` each process does its share of the rows and every
+    process gets all results."""
+    done: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for i in shard.take(list(range(len(feats)))):
+        f, s, dur = feats[i], seqs[i], durations[i]
         v = scale * (model.loglik(f, s, mixture) + model.log_self[s][:, None])
         starts, var = boundary_posterior_means(v.double().numpy(), point == "median", with_var=True)
         starts, var = starts[states - 1::states], var[states - 1::states]  # the units' first states
         ends = np.clip((np.append(starts, np.inf) - 0.5) * hop_s, 0.0, dur)
         ends[-1] = dur
-        out.append(np.maximum.accumulate(ends))
-        sds.append(np.append(np.sqrt(var), 0.0) * hop_s)
-    return out, sds
+        done[i] = (np.maximum.accumulate(ends), np.append(np.sqrt(var), 0.0) * hop_s)
+    done = shard.gather(done)
+    return [done[i][0] for i in range(len(feats))], [done[i][1] for i in range(len(feats))]
 
 
 def state_sequences(unit_ids: list[list[int]], states: int, ctx: "ContextStates | None" = None
@@ -517,7 +519,7 @@ def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: lis
             ends, sds = posterior_ends(model, [feats[i] for i in train + rest],
                                   state_sequences([unit_ids[i] for i in train + rest], cfg.states, ctx), cfg.states,
                                   [durations[i] for i in train + rest], hop_s, cfg.posterior_scale,
-                                  cfg.mixture_score, cfg.posterior_point)
+                                  cfg.mixture_score, cfg.posterior_point, shard)
             if keep_sd:
                 stats["boundary_sd"] = [None] * n_utts
                 for i, sd in zip(train + rest, sds):
