@@ -143,6 +143,7 @@ class ExportOptions:
     fusion: str
     fusion_gate_ms: float
     fusion_first_pass: float
+    fusion_precision: bool
     final_cap: float
     closure_snap: float
     closure_window_ms: list
@@ -743,7 +744,8 @@ def _refine(passed: list[Alignment], vocab, device: str, opts: ExportOptions, la
         opts.hmm_flat_start_schedule, device, log, fixed, timing, shard, opts.fusion, opts.fusion_first_pass,
         [SIL if k == BLANK_ID else t for k, t in enumerate(vocab.tokens)],  # class 0: the edge silence slots
         opts.hmm_init, opts.fusion_gate_ms / 1000.0, opts.hmm_flat_single,
-        ClosureSnap(opts.closure_snap, *map(float, opts.closure_window_ms), opts.closure_offset_ms))
+        ClosureSnap(opts.closure_snap, *map(float, opts.closure_window_ms), opts.closure_offset_ms),
+        opts.fusion_precision)
     fits = stats.pop("row_fit", None) or [None] * len(passed)
     if opts.final_cap > 0:
         stats["final_capped"] = cap_final_phone([a.units for a in passed], ends, opts.final_cap, SILENCE_TOKENS)

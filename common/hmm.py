@@ -591,6 +591,8 @@ class Ensemble:
     first: list
     row_fit: list
     stats: dict
+    precision: list | None = None  # per row and boundary, the last round's members' mean posterior precision
+    first_precision: list | None = None  # ... the first member's in the first round (with posterior_scale > 0)
 
 
 def hmm_ensemble(bank: FeatureBank, durations: list[float], unit_ids: list[list[int]],
@@ -606,6 +608,7 @@ def hmm_ensemble(bank: FeatureBank, durations: list[float], unit_ids: list[list[
     if cfg.sd_floor_ms <= 0:
         raise ValueError(f"sd_floor_ms must be > 0, got {cfg.sd_floor_ms}")
     members = cfg.variant_configs()
+    floor, first_prec = cfg.sd_floor_ms / 1000.0, None
     rounds = max(1, cfg.rounds)
     stats: dict = {"members": len(members), "rounds": rounds, "runs": []}  # runs: round by round
     init, first, row_fit = init_ends_s, None, None
@@ -617,17 +620,29 @@ def hmm_ensemble(bank: FeatureBank, durations: list[float], unit_ids: list[list[
                 m = dataclasses.replace(m, schedule=tuple(later_schedule or cfg.schedule))
             last = r == rounds - 1 and k == 0
             e, st = hmm_realign(bank[m], durations, unit_ids, init, n_units, m, log, None, shard, row_fit=last,
-                                keep_sd=cfg.ensemble_weights == "precision")
+                                keep_sd=True)
             sds.append(st.pop("boundary_sd", None))
             if last:
                 row_fit = st.pop("row_fit")
             if r == 0 and k == 0:
-                first = e
+                first, first_prec = e, _precisions([sds[0]], floor)
             sets.append(e)
             stats["runs"].append(st)
         ends = mean_ends(sets) if cfg.ensemble_weights == "mean" or None in sds else \
-            precision_mean_ends(sets, sds, cfg.sd_floor_ms / 1000.0)
+            precision_mean_ends(sets, sds, floor)
         init = ends  # a row no member aligned (None) is left out of later rounds
     if timing is not None:
         timing["seconds"] = round(time.time() - t0, 2)
-    return Ensemble(ends, first, row_fit, stats)
+    return Ensemble(ends, first, row_fit, stats, _precisions(sds, floor), first_prec)
+
+
+def _precisions(sds: list, floor_s: float) -> list | None:
+    """Per row, the members' mean posterior precision 1 / (sd^2 + floor^2) at each boundary (None for a row no
+    member has); None when a member has no posterior sds (posterior_scale 0)."""
+    if any(d is None for d in sds):
+        return None
+    out = []
+    for i in range(len(sds[0])):
+        have = [d[i] for d in sds if d[i] is not None]
+        out.append(np.mean([1.0 / (d ** 2 + floor_s ** 2) for d in have], axis=0) if have else None)
+    return out

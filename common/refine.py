@@ -345,13 +345,15 @@ def fuse_boundaries(members: list[tuple[float, list]], fallback: list[np.ndarray
         raise ValueError(f"fusion must be one of {FUSIONS}, got {how!r}")
     out = []
     for i, base in enumerate(fallback):
-        have = [(w, m[i]) for w, m in members if w > 0 and m[i] is not None]
+        have = [(w if np.isscalar(w) else w[i], m[i]) for w, m in members
+                if (w > 0 if np.isscalar(w) else w[i] is not None) and m[i] is not None]
         if not have:
             out.append(base)
             continue
-        X, w = np.stack([m for _, m in have]), np.asarray([w for w, _ in have], dtype=np.float64)[:, None]
+        X = np.stack([m for _, m in have])
+        w = np.stack([np.broadcast_to(np.asarray(w, dtype=np.float64), X.shape[1:]) for w, _ in have])
         if how == "mean":
-            out.append((w * X).sum(0) / w.sum())
+            out.append((w * X).sum(0) / w.sum(0))
             continue
         med = np.median(X, axis=0)
         if how == "gated":
@@ -397,7 +399,7 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
                       fixed_ends_s: dict[int, np.ndarray] | None = None, timing: dict | None = None,
                       shard: Shard = SINGLE, fusion: str = "mean", first_pass_weight: float = 0.0,
                       class_names: list[str] | None = None, hmm_init: str = "classifier", gate_s: float = 0.04,
-                      flat_single: bool = False, closure=None,
+                      flat_single: bool = False, closure=None, fusion_precision: bool = False,
                       ) -> tuple[list[np.ndarray], float, list[np.ndarray], dict, dict[str, list]]:
     """Refine every utterance's first-pass boundaries: ``refine`` (the frame classifier; skipped when
     ``cfg.rounds`` is 0: the HMM-GMMs then start from the first pass); then, when ``hmm_weight`` > 0, two HMM-GMM
@@ -476,7 +478,7 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
     members = [(weight, ends), (first_pass_weight, list(first_ends_s))]
     schedules = (start + (tuple(hmm.schedule),),
                  ("flat_start", None, tuple(flat_start_schedule or FLAT_START_SCHEDULE)))
-    fits, hmm_members = [], []
+    fits, hmm_members, precisions = [], [], []
     for name, init, sched in schedules:
         t = {}
         ens = hmm_ensemble(bank, durations, hmm_ids, init, n_tokens, dataclasses.replace(hmm, schedule=sched),
@@ -484,11 +486,25 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
         stats["hmm"][name], timing[f"hmm_{name}_s"] = ens.stats, t.get("seconds")
         fits.append(ens.row_fit)
         hmm_members.append((f"hmm_{name}", ens.ends))
+        precisions.append(ens.precision)
         if name == "flat_start" and flat_single and (len(hmm.variant_configs()) > 1 or hmm.rounds > 1):
             hmm_members.append(("hmm_flat_start_single", ens.first))
-    for name, h in hmm_members:  # the HMM-GMM weight, shared equally
-        members.append((hmm_weight / len(hmm_members), h))
-        named[name] = h
+            precisions.append(ens.first_precision)
+    if fusion_precision and all(p is not None for p in precisions):
+        # the HMM-GMM weight shared boundary by boundary in proportion to each member's posterior precision
+        for i in range(len(durations)):
+            have = [p[i] for p in precisions if p[i] is not None]
+            total = np.sum(have, axis=0) if have else None
+            for p in precisions:
+                if p[i] is not None:
+                    p[i] = hmm_weight * p[i] / total
+        for (name, h), p in zip(hmm_members, precisions):
+            members.append((p, h))
+            named[name] = h
+    else:
+        for name, h in hmm_members:  # the HMM-GMM weight, shared equally
+            members.append((hmm_weight / len(hmm_members), h))
+            named[name] = h
     # each row's HMM-GMM fit gap (common.hmm.fit_gaps), the mean of the two alignments': for the review flags
     have = [[f[i] for f in fits if f[i] is not None] for i in range(len(durations))]
     stats["row_fit"] = [round(float(np.mean(h)), 4) if h else None for h in have]

@@ -214,6 +214,13 @@ def test_ensemble_and_flat_start_pull_a_late_first_pass_back_to_the_sound_change
     assert mean_inner_error_ms(late, true_ends) == pytest.approx(25.0)
     assert mean_inner_error_ms(ends, true_ends) < 11 and abs(signed_ms(ends)) < 11  # measured 7.8 / +7.8 ms
     assert abs(signed_ms(named["hmm_flat_start"])) < 4  # the flat start knows nothing of the late start
+    # the export's defaults: posterior medians, precision-weighted ensembles and HMM-GMM members in the fusion
+    post = dataclasses.replace(cfg, posterior_scale=0.1, ensemble_weights="precision")
+    ends_p, *_ = refine_boundaries(
+        lambda i: wavs[i], durs, units, late, len(TONE_FREQS) + 1, RefineConfig(rounds=0, sample_rate=TONE_SR),
+        post, 1.0, hmm_init="first_pass", flat_single=True, fusion_precision=True)
+    assert mean_inner_error_ms(ends_p, true_ends) < 11 and abs(signed_ms(ends_p)) < 11
+    assert not all(np.allclose(a, b) for a, b in zip(ends_p, ends))
 
 
 def test_boundary_posterior_means_match_enumeration_and_tend_to_the_viterbi_path():

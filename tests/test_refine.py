@@ -113,6 +113,14 @@ def test_median_fusion_ignores_one_far_off_member_and_the_final_cap():
     err = lambda f: max(float(np.max(np.abs(a[:-1] - b[:-1]))) for a, b in zip(f, truth))  # noqa: E731
     assert err(mean) > 0.015 and err(med) <= 0.004 + 1e-9
     assert fuse_boundaries([(1.0, [None, good1[1]]), (0.0, late)], truth, "median")[0] is truth[0]  # no member
+    # per-boundary weights (the HMM-GMMs' posterior precisions): row by row an array, None where a member lacks it
+    sure = [np.r_[np.ones(len(t) - 1), 1.0] for t in truth]
+    unsure = [np.r_[1e-3 * np.ones(len(t) - 1), 1.0] for t in truth]
+    for how in ("mean", "gated"):
+        f = fuse_boundaries([(sure, good1), (unsure, late)], truth, how, 0.1)
+        assert err(f) <= 0.0045, how  # the late member barely counts
+    f = fuse_boundaries([([sure[0], None], good1), (1.0, good2)], truth, "mean")
+    assert np.allclose(f[1], good2[1])  # the first member has no weights for row 1: left out there
     # the final cap: the phone before the trailing silence may not outlast k x its median elsewhere
     units = [["pau", "a", "t", "pau"], ["t", "a", "pau"], ["a", "t", "a", "pau"], ["t", "t", "pau"]]
     ends = [np.array([0.1, 0.2, 0.9, 1.2]), np.array([0.05, 0.15, 0.5]), np.array([0.1, 0.15, 0.25, 0.6]),
