@@ -84,10 +84,10 @@ class HMMConfig:
     # the plain mean)
     sd_floor_ms: float = 5.0  # precision: added in quadrature to every member's posterior sd
     posterior_point: str = "median"  # with posterior_scale > 0: each boundary at its posterior median or mean
-    posterior_scale: float = 0.0  # >0: the final alignment's unit boundaries are their posterior means
+    posterior_scale: float = 0.0  # >0: the final alignment's unit boundaries are their posterior medians (means)
     # (forward-backward over the same path scores as Viterbi, scaled by this acoustic scale: below 1 flattens the
     # posterior, as Kaldi's lattice posteriors use 0.1) instead of the single best path's, in fractions of a frame;
-    # 0 = the Viterbi path (training passes always use it)
+    # 0 = the Viterbi path (training passes always use it; the export's default is 0.1)
     mixture_score: str = "sum"  # how alignment scores a frame under a state's GMM: "sum" (log of the mixture's
     # density, as Kaldi) or "max" (its best Gaussian: no exp per Gaussian, ~2x faster passes); the GMMs' EM
     # re-estimation is exact either way
@@ -220,8 +220,9 @@ def viterbi(model: StateGMMs, feats: list[torch.Tensor], seqs: list[torch.Tensor
 
 def boundary_posterior_means(v: np.ndarray, median: bool = False, with_var: bool = False):
     """Path scores ``v`` [S, T] (a path visits states 0..S-1 in order, each for >= 1 frame, and scores the sum of
-    its cells, as ``mas_frames``) -> for each s < S-1 the posterior mean of the frame where state s + 1 begins,
-    over every path weighted by exp(score) (forward-backward in log space; float64 [S-1]). The numba kernel
+    its cells, as ``mas_frames``) -> for each s < S-1 the posterior mean (``median``: median, each frame's mass
+    spread over +-half a frame) of the frame where state s + 1 begins, over every path weighted by exp(score)
+    (forward-backward in log space; float64 [S-1]); ``with_var``: also its variance (frames^2). The numba kernel
     (``common.mas_numba``) where numba is installed, else numpy (one vectorised step per frame, ~25x slower)."""
     v = np.ascontiguousarray(v, dtype=np.float64)
     if _numba_available():
