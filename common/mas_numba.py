@@ -149,29 +149,30 @@ def boundary_posterior_means(v, out, med, var):
         for s in range(S - 1):
             b[s, t] = _log_add(b[s, t + 1] + v[s, t + 1], b[s + 1, t + 1] + v[s + 1, t + 1])
         b[S - 1, t] = b[S - 1, t + 1] + v[S - 1, t + 1]
+    w = np.empty(T)
     for s in range(S - 1):
+        # w[t]: the unnormalised posterior that state s + 1 begins at frame t (t >= 1)
         m = -np.inf
         for t in range(1, T):
-            x = a[s, t - 1] + v[s + 1, t] + b[s + 1, t]
-            if x > m:
-                m = x
-        num = 0.0
+            w[t] = a[s, t - 1] + v[s + 1, t] + b[s + 1, t]
+            if w[t] > m:
+                m = w[t]
         den = 0.0
+        num = 0.0
         for t in range(1, T):
-            w = np.exp(a[s, t - 1] + v[s + 1, t] + b[s + 1, t] - m)
-            num += w * t
-            den += w
+            w[t] = np.exp(w[t] - m)
+            den += w[t]
+            num += w[t] * t
         out[s] = num / den
         sq = 0.0
         for t in range(1, T):
-            w = np.exp(a[s, t - 1] + v[s + 1, t] + b[s + 1, t] - m)
-            sq += w * (t - out[s]) ** 2
+            sq += w[t] * (t - out[s]) ** 2
         var[s] = sq / den
         acc = 0.0
         med[s] = T - 1.0
         for t in range(1, T):
-            w = np.exp(a[s, t - 1] + v[s + 1, t] + b[s + 1, t] - m) / den
-            if acc + w >= 0.5:
-                med[s] = t - 0.5 + (0.5 - acc) / w
+            p = w[t] / den
+            if acc + p >= 0.5:
+                med[s] = t - 0.5 + (0.5 - acc) / p
                 break
-            acc += w
+            acc += p

@@ -490,21 +490,15 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
         if name == "flat_start" and flat_single and (len(hmm.variant_configs()) > 1 or hmm.rounds > 1):
             hmm_members.append(("hmm_flat_start_single", ens.first))
             precisions.append(ens.first_precision)
+    shares: list = [hmm_weight / len(hmm_members)] * len(hmm_members)  # the HMM-GMM weight, shared equally ...
     if fusion_precision and all(p is not None for p in precisions):
-        # the HMM-GMM weight shared boundary by boundary in proportion to each member's posterior precision
-        for i in range(len(durations)):
-            have = [p[i] for p in precisions if p[i] is not None]
-            total = np.sum(have, axis=0) if have else None
-            for p in precisions:
-                if p[i] is not None:
-                    p[i] = hmm_weight * p[i] / total
-        for (name, h), p in zip(hmm_members, precisions):
-            members.append((p, h))
-            named[name] = h
-    else:
-        for name, h in hmm_members:  # the HMM-GMM weight, shared equally
-            members.append((hmm_weight / len(hmm_members), h))
-            named[name] = h
+        # ... or boundary by boundary in proportion to each member's posterior precision
+        totals = [np.sum([p[i] for p in precisions if p[i] is not None], axis=0) for i in range(len(durations))]
+        shares = [[None if p[i] is None else hmm_weight * p[i] / totals[i] for i in range(len(durations))]
+                  for p in precisions]
+    for (name, h), w in zip(hmm_members, shares):
+        members.append((w, h))
+        named[name] = h
     # each row's HMM-GMM fit gap (common.hmm.fit_gaps), the mean of the two alignments': for the review flags
     have = [[f[i] for f in fits if f[i] is not None] for i in range(len(durations))]
     stats["row_fit"] = [round(float(np.mean(h)), 4) if h else None for h in have]

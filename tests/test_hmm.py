@@ -46,18 +46,20 @@ def test_gmm_reestimate_finds_two_clusters_and_keeps_unseen_states():
     assert ll.shape == (2, 3) and torch.isfinite(ll).all() and (ll[0] > ll[1]).all()
 
 
-def test_hmm_sharpens_noisy_boundaries_and_aligns_from_a_flat_start():
+def _tones_from_a_noisy_start():
+    """The tone corpus, its MFCCs, and a start that is right on average but +-30 ms off at each boundary (in
+    export: the neural refiner's alignment)."""
     wavs, units, true_ends = tone_corpus(30, seed=5)
     cfg = HMMConfig(sample_rate=TONE_SR)
     feats, durs = features(lambda i: wavs[i], len(wavs), cfg)
-    assert feats[0].shape == (1 + len(wavs[0]) // 160, 39) and abs(durs[0] - len(wavs[0]) / TONE_SR) < 1e-9
-    # a start that is right on average but +-30 ms off at each boundary (in export: the neural refiner's alignment)
     rng = np.random.default_rng(1)
-    start = []
-    for e in true_ends:
-        f = e.copy()
-        f[:-1] += rng.uniform(-0.03, 0.03, len(f) - 1)
-        start.append(f)
+    start = [np.concatenate([e[:-1] + rng.uniform(-0.03, 0.03, len(e) - 1), e[-1:]]) for e in true_ends]
+    return wavs, units, true_ends, cfg, feats, durs, start
+
+
+def test_hmm_sharpens_noisy_boundaries_and_aligns_from_a_flat_start():
+    wavs, units, true_ends, cfg, feats, durs, start = _tones_from_a_noisy_start()
+    assert feats[0].shape == (1 + len(wavs[0]) // 160, 39) and abs(durs[0] - len(wavs[0]) / TONE_SR) < 1e-9
     before = mean_inner_error_ms(start, true_ends)
     ends, stats = hmm_realign(feats, durs, units, start, len(TONE_FREQS) + 1, cfg)
     after = mean_inner_error_ms(ends, true_ends)
@@ -82,11 +84,7 @@ def test_max_mixture_score_bounds_the_sum_and_aligns_as_well():
     s, mx = m.loglik(x, torch.tensor([0, 2, 1])), m.loglik(x, torch.tensor([0, 2, 1]), "max")
     assert (mx <= s + 1e-5).all() and (mx >= s - np.log(4) - 1e-5).all() and (s - mx).max() > 0.01
     # the tone corpus from a noisy start, both ways: the same boundaries within a frame on average
-    wavs, units, true_ends = tone_corpus(30, seed=5)
-    cfg = HMMConfig(sample_rate=TONE_SR)
-    feats, durs = features(lambda i: wavs[i], len(wavs), cfg)
-    rng = np.random.default_rng(1)
-    start = [np.concatenate([e[:-1] + rng.uniform(-0.03, 0.03, len(e) - 1), e[-1:]]) for e in true_ends]
+    _, units, true_ends, cfg, feats, durs, start = _tones_from_a_noisy_start()
     exact, _ = hmm_realign(feats, durs, units, start, len(TONE_FREQS) + 1, cfg)
     fast, _ = hmm_realign(feats, durs, units, start, len(TONE_FREQS) + 1,
                           dataclasses.replace(cfg, mixture_score="max"))
@@ -253,11 +251,7 @@ def test_boundary_posterior_means_match_enumeration_and_tend_to_the_viterbi_path
 
 
 def test_posterior_mean_boundaries_beat_the_viterbi_frame_grid_on_tones():
-    wavs, units, true_ends = tone_corpus(30, seed=5)
-    cfg = HMMConfig(sample_rate=TONE_SR)
-    feats, durs = features(lambda i: wavs[i], len(wavs), cfg)
-    rng = np.random.default_rng(1)
-    start = [np.concatenate([e[:-1] + rng.uniform(-0.03, 0.03, len(e) - 1), e[-1:]]) for e in true_ends]
+    _, units, true_ends, cfg, feats, durs, start = _tones_from_a_noisy_start()
     best, _ = hmm_realign(feats, durs, units, start, len(TONE_FREQS) + 1, cfg)
     viterbi = mean_inner_error_ms(best, true_ends)
     # measured 5.72 ms (Viterbi, on the 10 ms frame grid) -> 5.46 (the export's scale 0.1, median), 5.37 (0.1,
