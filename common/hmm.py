@@ -209,11 +209,21 @@ def viterbi(model: StateGMMs, feats: list[torch.Tensor], seqs: list[torch.Tensor
     """Best state segmentation of each utterance (MAS over emission + self-loop log-probabilities, emissions
     scored by ``StateGMMs.loglik(..., mixture)``); under ``shard`` each process aligns its share of the batches
     and every process gets all results."""
-    out: dict[int, np.ndarray] = {}
+    return [c for c, _ in align_rows(model, feats, seqs, frames_per_batch, shard, mixture)]
+
+
+def align_rows(model: StateGMMs, feats: list[torch.Tensor], seqs: list[torch.Tensor],
+               frames_per_batch: int = 30000, shard: Shard = SINGLE, mixture: str = "sum",
+               posterior_scale: float = 0.0, median: bool = True) -> list[tuple[np.ndarray, tuple | None]]:
+    """``viterbi``, and with ``posterior_scale`` > 0 from the same scores (times that scale) each state boundary's
+    posterior median (mean) and variance (``boundary_posterior_means``): per row (state frame counts, None or
+    (the frame where each state after the first begins, its variance))."""
+    out: dict[int, tuple] = {}
     for idx in shard.take(length_buckets([f.shape[0] for f in feats], frames_per_batch)):
         scores = [model.loglik(feats[i], seqs[i], mixture) + model.log_self[seqs[i]][:, None] for i in idx]
-        for i, fr in zip(idx, mas_frames(scores, [feats[i].shape[0] for i in idx])):
-            out[i] = fr
+        for i, fr, v in zip(idx, mas_frames(scores, [feats[i].shape[0] for i in idx]), scores):
+            out[i] = (fr, None if posterior_scale <= 0 else
+                      boundary_posterior_means((posterior_scale * v).double().numpy(), median, with_var=True))
     out = shard.gather(out)
     return [out[i] for i in range(len(feats))]
 
@@ -260,27 +270,6 @@ def _boundary_posterior_means_np(v: np.ndarray, median: bool = False, with_var: 
         before = np.where(k > 0, cum[rows, k - 1], 0.0)
         point = k + 1 - 0.5 + (0.5 - before) / x[rows, k]
     return (point, (x * (t - mean[:, None]) ** 2).sum(axis=1)) if with_var else point
-
-
-def posterior_ends(model: StateGMMs, feats: list[torch.Tensor], seqs: list[torch.Tensor], states: int,
-                   durations: list[float], hop_s: float, scale: float, mixture: str = "sum",
-                   point: str = "mean", shard: Shard = SINGLE) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Unit end times (s) at the posterior means (medians) of the unit boundaries (``boundary_posterior_means``
-    of the Viterbi path scores times ``scale``), under the centred-frame convention of
-    ``frames.frame_ends_seconds``; the last unit ends with the audio. Also each boundary's posterior standard
-    deviation (s; the last unit's end: 0). Under ``shard`` each process does its share of the rows and every
-    process gets all results."""
-    done: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for i in shard.take(list(range(len(feats)))):
-        f, s, dur = feats[i], seqs[i], durations[i]
-        v = scale * (model.loglik(f, s, mixture) + model.log_self[s][:, None])
-        starts, var = boundary_posterior_means(v.double().numpy(), point == "median", with_var=True)
-        starts, var = starts[states - 1::states], var[states - 1::states]  # the units' first states
-        ends = np.clip((np.append(starts, np.inf) - 0.5) * hop_s, 0.0, dur)
-        ends[-1] = dur
-        done[i] = (np.maximum.accumulate(ends), np.append(np.sqrt(var), 0.0) * hop_s)
-    done = shard.gather(done)
-    return [done[i][0] for i in range(len(feats))], [done[i][1] for i in range(len(feats))]
 
 
 def state_sequences(unit_ids: list[list[int]], states: int, ctx: "ContextStates | None" = None
@@ -334,11 +323,13 @@ class ContextStates:
 
 def train_align(feats: list[torch.Tensor], unit_ids: list[list[int]], n_units: int, cfg: HMMConfig,
                 init_counts: list[np.ndarray] | None = None, log=None,
-                shard: Shard = SINGLE, ctx: ContextStates | None = None) -> tuple[list[np.ndarray], dict, StateGMMs]:
+                shard: Shard = SINGLE, ctx: ContextStates | None = None, posterior: bool = False
+                ) -> tuple[list[np.ndarray], dict, StateGMMs, list | None]:
     """Viterbi training from ``init_counts`` (frames per unit; None: a flat start), one re-estimation and one
-    re-alignment per ``cfg.schedule`` entry. Returns (frames per state per utterance, stats, the model). Under
-    ``shard`` rank 0 re-estimates and shares the model, every process aligns its share. ``ctx``: context-dependent
-    edge states (``ContextStates``)."""
+    re-alignment per ``cfg.schedule`` entry. Returns (frames per state per utterance, stats, the model, None or
+    with ``posterior`` (and ``cfg.posterior_scale`` > 0) each row's state-boundary posteriors from the last
+    re-alignment's scores, ``align_rows``). Under ``shard`` rank 0 re-estimates and shares the model, every
+    process aligns its share. ``ctx``: context-dependent edge states (``ContextStates``)."""
     S = cfg.states
     seqs = state_sequences(unit_ids, S, ctx)
     n_states = ctx.n_states if ctx is not None else n_units * S
@@ -362,14 +353,17 @@ def train_align(feats: list[torch.Tensor], unit_ids: list[list[int]], n_units: i
                 np.add.at(visits, s.numpy(), 1)
             model.log_self = torch.from_numpy(np.log((stay + 1.0) / (stay + visits + 2.0))).float()
         model = shard.broadcast(model)
-        new = viterbi(model, feats, seqs, shard=shard, mixture=cfg.mixture_score)
+        scale = cfg.posterior_scale if posterior and p == len(cfg.schedule) - 1 else 0.0
+        rows = align_rows(model, feats, seqs, shard=shard, mixture=cfg.mixture_score, posterior_scale=scale,
+                          median=cfg.posterior_point == "median")
+        new, posts = [c for c, _ in rows], [q for _, q in rows]
         moved = float(np.mean([np.abs(np.cumsum(a) - np.cumsum(b)).mean() for a, b in zip(new, counts)]))
         counts = new
         stats["passes"].append({"gaussians": n_mix, "mean_state_boundary_move_frames": round(moved, 3)})
         if log:
             log(f"hmm-gmm pass {p + 1}/{len(cfg.schedule)}: {n_mix} Gaussian(s)/state, state boundaries moved "
                 f"{moved:.2f} frames ({time.time() - t:.1f} s)")
-    return counts, stats, model
+    return counts, stats, model, posts if posterior and cfg.posterior_scale > 0 else None
 
 
 def fit_gaps(model: StateGMMs, feats: list[torch.Tensor], seqs: list[torch.Tensor],
@@ -505,22 +499,26 @@ def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: lis
         last, mono_passes = cfg, []
         if ctx is not None and 0 < cfg.context_passes < len(cfg.schedule):  # monophones first
             k = cfg.context_passes
-            init, st, _ = train_align(train_feats, train_ids, n_units,
+            init, st, _, _ = train_align(train_feats, train_ids, n_units,
                                       dataclasses.replace(cfg, schedule=tuple(cfg.schedule[:-k])), init, log, shard)
             last, mono_passes = dataclasses.replace(cfg, schedule=tuple(cfg.schedule[-k:])), st["passes"]
-        counts, st, model = train_align(train_feats, train_ids, n_units, last, init, log, shard, ctx)
+        # posterior_scale > 0: the last pass's scores also give each boundary's posterior (not scored twice)
+        counts, st, model, posts = train_align(train_feats, train_ids, n_units, last, init, log, shard, ctx,
+                                               posterior=True)
         st["passes"] = mono_passes + st["passes"]
         stats.update(st, train_utts=len(train), train_audio_s=round(acc, 1))
         rest = sorted(set(ok) - set(train))
         if rest:
-            counts = counts + viterbi(model, [feats[i] for i in rest],
-                                      state_sequences([unit_ids[i] for i in rest], cfg.states, ctx), shard=shard,
-                                      mixture=cfg.mixture_score)
-        if cfg.posterior_scale > 0:
-            ends, sds = posterior_ends(model, [feats[i] for i in train + rest],
-                                  state_sequences([unit_ids[i] for i in train + rest], cfg.states, ctx), cfg.states,
-                                  [durations[i] for i in train + rest], hop_s, cfg.posterior_scale,
-                                  cfg.mixture_score, cfg.posterior_point, shard)
+            rows = align_rows(model, [feats[i] for i in rest],
+                              state_sequences([unit_ids[i] for i in rest], cfg.states, ctx), shard=shard,
+                              mixture=cfg.mixture_score, posterior_scale=cfg.posterior_scale,
+                              median=cfg.posterior_point == "median")
+            counts = counts + [c for c, _ in rows]
+            posts = None if posts is None else posts + [q for _, q in rows]
+        if posts is not None:  # each unit's end at the posterior statistic of the boundary before its successor
+            S = cfg.states
+            ends, sds = zip(*(posterior_unit_ends(q[0][S - 1::S], q[1][S - 1::S], hop_s, durations[i])
+                              for i, q in zip(train + rest, posts)))
             if keep_sd:
                 stats["boundary_sd"] = [None] * n_utts
                 for i, sd in zip(train + rest, sds):
@@ -540,6 +538,16 @@ def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: lis
     if timing is not None:
         timing["seconds"] = round(time.time() - t0, 2)
     return out, stats
+
+
+def posterior_unit_ends(starts: np.ndarray, var: np.ndarray, hop_s: float, duration_s: float
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """The posterior start frames of units 1.. and their variances (``boundary_posterior_means``) -> (unit end
+    times (s) under the centred-frame convention of ``frames.frame_ends_seconds``, the last unit ending with the
+    audio; each end's posterior sd (s), the last's 0)."""
+    ends = np.clip((np.append(starts, np.inf) - 0.5) * hop_s, 0.0, duration_s)
+    ends[-1] = duration_s
+    return np.maximum.accumulate(ends), np.append(np.sqrt(var), 0.0) * hop_s
 
 
 def mean_ends(sets: list[list[np.ndarray | None]]) -> list[np.ndarray | None]:
