@@ -65,7 +65,7 @@ class RefineConfig:
     dilations: tuple = (1, 1)  # residual conv blocks; receptive field (kernel - 1) * (1 + sum) + 1 frames (65 ms)
     lr: float = 2e-3
     batch_seconds: float = 40.0
-    prior_weight: float = 1.0  # subtract prior_weight * log p(token) (hybrid NN/HMM posterior scaling)
+    prior_weight: float = 0.8  # subtract prior_weight * log p(token) (hybrid NN/HMM posterior scaling, damped)
     margin_ms: float = 40.0    # frames this close to a boundary are not trained on (their label is unsure)
     margin_frac: float = 0.3   # ... at most this fraction of the segment's length (its centre frames always train)
     margin_decay: float = 1.0  # the margin is multiplied by this each round
