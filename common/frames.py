@@ -24,8 +24,14 @@ def hop_samples(sample_rate: int, hop_ms: float) -> int:
 
 def frame_ends_seconds(frames: np.ndarray, hop_s: float, duration_s: float) -> np.ndarray:
     """Per-unit frame counts -> unit end times (s) under the centred-frame convention."""
-    cum = np.cumsum(np.asarray(frames, dtype=np.int64))
-    ends = np.clip((cum - 0.5) * hop_s, 0.0, duration_s)
+    return start_frames_to_ends(np.cumsum(np.asarray(frames, dtype=np.int64))[:-1], hop_s, duration_s)
+
+
+def start_frames_to_ends(starts, hop_s: float, duration_s: float) -> np.ndarray:
+    """The frame where each unit after the first begins (fractional where a posterior placed it) -> every unit's
+    end time (s) under the centred-frame convention (a unit ends half a frame before its successor's first frame),
+    the last unit ending with the audio."""
+    ends = np.clip((np.append(np.asarray(starts, dtype=np.float64), np.inf) - 0.5) * hop_s, 0.0, duration_s)
     ends[-1] = duration_s
     return np.maximum.accumulate(ends)
 

@@ -341,6 +341,7 @@ def train_align(feats: list[torch.Tensor], unit_ids: list[list[int]], n_units: i
         counts = [c if len(c) == len(s) else split_counts(c, S) for c, s in zip(init_counts, seqs)]
     x_all = torch.cat(feats)
     stats = {"passes": [], "frames": int(x_all.shape[0])}
+    posts = None
     for p, n_mix in enumerate(cfg.schedule):
         t = time.time()
         if shard.main:
@@ -356,14 +357,16 @@ def train_align(feats: list[torch.Tensor], unit_ids: list[list[int]], n_units: i
         scale = cfg.posterior_scale if posterior and p == len(cfg.schedule) - 1 else 0.0
         rows = align_rows(model, feats, seqs, shard=shard, mixture=cfg.mixture_score, posterior_scale=scale,
                           median=cfg.posterior_point == "median")
-        new, posts = [c for c, _ in rows], [q for _, q in rows]
+        new = [c for c, _ in rows]
+        if scale > 0:
+            posts = [q for _, q in rows]
         moved = float(np.mean([np.abs(np.cumsum(a) - np.cumsum(b)).mean() for a, b in zip(new, counts)]))
         counts = new
         stats["passes"].append({"gaussians": n_mix, "mean_state_boundary_move_frames": round(moved, 3)})
         if log:
             log(f"hmm-gmm pass {p + 1}/{len(cfg.schedule)}: {n_mix} Gaussian(s)/state, state boundaries moved "
                 f"{moved:.2f} frames ({time.time() - t:.1f} s)")
-    return counts, stats, model, posts if posterior and cfg.posterior_scale > 0 else None
+    return counts, stats, model, posts
 
 
 def fit_gaps(model: StateGMMs, feats: list[torch.Tensor], seqs: list[torch.Tensor],
@@ -517,12 +520,11 @@ def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: lis
             posts = None if posts is None else posts + [q for _, q in rows]
         if posts is not None:  # each unit's end at the posterior statistic of the boundary before its successor
             S = cfg.states
-            ends, sds = zip(*(posterior_unit_ends(q[0][S - 1::S], q[1][S - 1::S], hop_s, durations[i])
-                              for i, q in zip(train + rest, posts)))
-            if keep_sd:
+            ends = [F.start_frames_to_ends(q[0][S - 1::S], hop_s, durations[i]) for i, q in zip(train + rest, posts)]
+            if keep_sd:  # each end's posterior sd (s); the last unit's end (the audio's) is sure
                 stats["boundary_sd"] = [None] * n_utts
-                for i, sd in zip(train + rest, sds):
-                    stats["boundary_sd"][i] = sd
+                for i, q in zip(train + rest, posts):
+                    stats["boundary_sd"][i] = np.append(np.sqrt(q[1][S - 1::S]), 0.0) * hop_s
         else:
             ends = [F.frame_ends_seconds(c.reshape(-1, cfg.states).sum(1), hop_s, durations[i])
                     for i, c in zip(train + rest, counts)]
@@ -540,16 +542,6 @@ def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: lis
     return out, stats
 
 
-def posterior_unit_ends(starts: np.ndarray, var: np.ndarray, hop_s: float, duration_s: float
-                        ) -> tuple[np.ndarray, np.ndarray]:
-    """The posterior start frames of units 1.. and their variances (``boundary_posterior_means``) -> (unit end
-    times (s) under the centred-frame convention of ``frames.frame_ends_seconds``, the last unit ending with the
-    audio; each end's posterior sd (s), the last's 0)."""
-    ends = np.clip((np.append(starts, np.inf) - 0.5) * hop_s, 0.0, duration_s)
-    ends[-1] = duration_s
-    return np.maximum.accumulate(ends), np.append(np.sqrt(var), 0.0) * hop_s
-
-
 def mean_ends(sets: list[list[np.ndarray | None]]) -> list[np.ndarray | None]:
     """Per utterance, the mean of the unit end times of the sets that have it (None where none has)."""
     out = []
@@ -557,6 +549,11 @@ def mean_ends(sets: list[list[np.ndarray | None]]) -> list[np.ndarray | None]:
         have = [s[i] for s in sets if s[i] is not None]
         out.append(np.mean(np.stack(have), axis=0) if have else None)
     return out
+
+
+def posterior_precision(sd, floor_s: float):
+    """A boundary's weight from its posterior sd (s): 1 / (sd^2 + floor^2)."""
+    return 1.0 / (sd ** 2 + floor_s ** 2)
 
 
 def precision_mean_ends(sets, sds, floor_s: float) -> list[np.ndarray | None]:
@@ -569,7 +566,7 @@ def precision_mean_ends(sets, sds, floor_s: float) -> list[np.ndarray | None]:
             out.append(None)
             continue
         X = np.stack([e for e, _ in have])
-        W = 1.0 / (np.stack([d for _, d in have]) ** 2 + floor_s ** 2)
+        W = posterior_precision(np.stack([d for _, d in have]), floor_s)
         out.append(np.maximum.accumulate((W * X).sum(0) / W.sum(0)))
     return out
 
@@ -653,5 +650,5 @@ def _precisions(sds: list, floor_s: float) -> list | None:
     out = []
     for i in range(len(sds[0])):
         have = [d[i] for d in sds if d[i] is not None]
-        out.append(np.mean([1.0 / (d ** 2 + floor_s ** 2) for d in have], axis=0) if have else None)
+        out.append(np.mean([posterior_precision(d, floor_s) for d in have], axis=0) if have else None)
     return out
