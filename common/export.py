@@ -59,7 +59,7 @@ CHECKPOINTS = {"per": "PER", "joint": "joint"}  # --checkpoint -> the checkpoint
 @dataclass(frozen=True)
 class ExportOptions:
     """The export's settings: the top-level keys of ``hparams/export.yaml`` (which holds their defaults and help)
-    plus the objects it builds from them, ``refiner``, ``hmm_aligner`` and ``long_rows``."""
+    plus the objects it builds from them, ``refiner``, ``hmm_aligner``, ``boundary_detector`` and ``long_rows``."""
     corpus: Path
     model_dir: Path
     checkpoint: str
@@ -148,6 +148,14 @@ class ExportOptions:
     closure_snap: float
     closure_window_ms: list
     closure_offset_ms: float
+    detector_weight: float
+    detector_epochs: int
+    detector_channels: int
+    detector_lr: float
+    detector_window_ms: float
+    detector_search_ms: float
+    detector_batch_seconds: float
+    detector_seed: int
     dump_members: bool
     long_row_s: float
     piece_s: float
@@ -157,6 +165,7 @@ class ExportOptions:
     labelled: Path | None
     refiner: object  # common.refine.RefineConfig
     hmm_aligner: object  # common.hmm.HMMConfig
+    boundary_detector: object  # common.boundary_detector.DetectorConfig
     long_rows: object  # common.long_rows.LongRowConfig
 
     def __post_init__(self):
@@ -225,6 +234,10 @@ class ExportOptions:
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
+        try:
+            self.boundary_detector.check()
+        except ValueError as err:
+            raise UserError(f"--detector_*: {err}") from None
         from common.hf_first_pass import model_name
 
         model_name(self.first_pass)  # 'recognizer' or hf:DIR_OR_NAME, else a one-line error
@@ -745,7 +758,7 @@ def _refine(passed: list[Alignment], vocab, device: str, opts: ExportOptions, la
         [SIL if k == BLANK_ID else t for k, t in enumerate(vocab.tokens)],  # class 0: the edge silence slots
         opts.hmm_init, opts.fusion_gate_ms / 1000.0, opts.hmm_flat_single,
         ClosureSnap(opts.closure_snap, *map(float, opts.closure_window_ms), opts.closure_offset_ms),
-        opts.fusion_precision)
+        opts.fusion_precision, dataclasses.replace(opts.boundary_detector, precision=cfg.precision))
     fits = stats.pop("row_fit", None) or [None] * len(passed)
     if opts.final_cap > 0:
         stats["final_capped"] = cap_final_phone([a.units for a in passed], ends, opts.final_cap, SILENCE_TOKENS)

@@ -255,15 +255,16 @@ def realign(model: FrameClassifier, feats: list[torch.Tensor], unit_ids: list[li
 
 def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[np.ndarray], n_tokens: int,
            cfg: RefineConfig, device: str = "cpu", log=None, fixed_ends_s: dict[int, np.ndarray] | None = None,
-           timing: dict | None = None, shard: Shard = SINGLE, class_names: list[str] | None = None
-           ) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
+           timing: dict | None = None, shard: Shard = SINGLE, class_names: list[str] | None = None,
+           features_out: list | None = None) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
     """The whole loop. ``load_wav(i)`` gives utterance ``i``'s waveform at ``cfg.sample_rate`` (read once; only its
     features are kept, in fp16: ~1.2 GB per 10 hours); ``first_ends_s[i]`` the end time (s) of each of its
     ``unit_ids[i]`` (class ids < ``n_tokens``). ``fixed_ends_s[i]``: hand-checked unit end times of utterance
     ``i``; its training labels stay those in every round, with no unsure margin (semi-supervised: the classifier
     learns where the labeller puts boundaries). ``class_names[k]``: the token of class ``k``, for
     ``cfg.phone_features`` (``common.phonology``). Returns (per-unit frame counts at ``cfg.hop_ms``, per-unit
-    confidence = mean classifier posterior over its frames, stats); wall-clock seconds go to ``timing``."""
+    confidence = mean classifier posterior over its frames, stats); wall-clock seconds go to ``timing``.
+    ``features_out``: a list that receives every utterance's features (for ``common.boundary_detector``)."""
     if cfg.precision not in REFINE_PRECISIONS:
         raise ValueError(f"precision must be {' or '.join(REFINE_PRECISIONS)}, got {cfg.precision!r}")
     torch.manual_seed(cfg.seed)
@@ -275,6 +276,8 @@ def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[
         w = load_wav(i)
         feats.append(fx(w).half())
         durations.append(len(w) / cfg.sample_rate)
+    if features_out is not None:
+        features_out.extend(feats)
     train_idx, acc = sample_hours(list(range(n_utts)), durations, cfg.max_train_hours, cfg.seed)
     fixed = {i: np.asarray(e, dtype=np.float64) for i, e in (fixed_ends_s or {}).items()}
     if fixed:
@@ -400,7 +403,7 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
                       shard: Shard = SINGLE, fusion: str = "mean", first_pass_weight: float = 0.0,
                       class_names: list[str] | None = None, hmm_init: str = "classifier", gate_s: float = 0.04,
                       flat_single: bool = False, closure=None, fusion_precision: bool = False,
-                      ) -> tuple[list[np.ndarray], float, list[np.ndarray], dict, dict[str, list]]:
+                      detector=None) -> tuple[list[np.ndarray], float, list[np.ndarray], dict, dict[str, list]]:
     """Refine every utterance's first-pass boundaries: ``refine`` (the frame classifier; skipped when
     ``cfg.rounds`` is 0: the HMM-GMMs then start from the first pass); then, when ``hmm_weight`` > 0, two HMM-GMM
     alignments (``common.hmm``, config ``hmm``; each an ensemble of ``hmm.variants`` over ``hmm.rounds``,
@@ -412,7 +415,9 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
     ``flat_single``: the flat-start ensemble's first plain HMM-GMM (first variant, first round: MFA's monophone
     stage, ``common.hmm.Ensemble.first``) is a member of its own too; before the rounds pull it towards the other
     variants it shares nothing with the recognizer or the other members. ``closure``
-    (``common.landmarks.ClosureSnap``): the fused vowel|stop boundaries move towards the closure landmark. With
+    (``common.landmarks.ClosureSnap``): the fused vowel|stop boundaries move towards the closure landmark.
+    ``detector`` (``common.boundary_detector.DetectorConfig``, weight > 0): a boundary detector trained on the
+    fused boundaries joins the members and the boundaries are fused again (needs ``class_names``). With
     ``hmm.tie_min_count``, rare units share a frequent similar unit's GMMs (``common.phonology.tie_units``, from
     ``class_names``). ``load_wav(i)``: utterance ``i`` at ``cfg.sample_rate`` (read once for every pass). Returns
     (unit end times per utterance, the grid (s) they are on: the classifier's hop, or 1 ms when fused; the
@@ -429,6 +434,13 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
         raise ValueError("refinement needs the frame classifier (rounds > 0) or the HMM-GMMs (hmm_weight > 0)")
     bank = FeatureBank(hmm.variant_configs()) if use_hmm else None
     envelopes = [] if use_hmm and closure is not None and closure.active else None
+    use_det = detector is not None and detector.weight > 0
+    if use_det:
+        detector.check()
+        if class_names is None:
+            raise ValueError("the boundary detector needs the token name of every class (class_names)")
+    det_feats: list = []
+    det_fx = Features(cfg.sample_rate, cfg.hop_ms, win_ms=cfg.win_ms) if use_det and cfg.rounds <= 0 else None
 
     def load(i: int) -> torch.Tensor:  # the audio is read once for every pass
         w = load_wav(i)
@@ -436,12 +448,14 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
             bank.add(w)
         if envelopes is not None:
             envelopes.append(energy_envelope(w, cfg.sample_rate))
+        if det_fx is not None:
+            det_feats.append(det_fx(w).half())
         return w
 
     named = {"first_pass": list(first_ends_s)}
     if cfg.rounds > 0:
         counts, confs, stats = refine(load, len(durations), unit_ids, first_ends_s, n_tokens, cfg, device, log,
-                                      fixed_ends_s, timing, shard, class_names)
+                                      fixed_ends_s, timing, shard, class_names, det_feats if use_det else None)
         hop_s = cfg.hop_ms / 1000.0
         ends = [F.frame_ends_seconds(c, hop_s, t) for c, t in zip(counts, durations)]
         named["classifier"] = ends
@@ -502,19 +516,53 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
     # each row's HMM-GMM fit gap (common.hmm.fit_gaps), the mean of the two alignments': for the review flags
     have = [[f[i] for f in fits if f[i] is not None] for i in range(len(durations))]
     stats["row_fit"] = [round(float(np.mean(h)), 4) if h else None for h in have]
-    fused = fuse_boundaries(members, ends, fusion, gate_s)
-    if envelopes is not None:  # vowel|stop boundaries towards the closure landmark
-        if class_names is None:
-            raise ValueError("closure snapping needs the token name of every class (class_names)")
-        from common.phonology import CONTEXT_CLASSES, context_class
+    if envelopes is not None and class_names is None:
+        raise ValueError("closure snapping needs the token name of every class (class_names)")
+    from common.phonology import CONTEXT_CLASSES, context_class
 
-        kind = np.asarray([context_class(t) for t in class_names])
+    kind = np.asarray([context_class(t) for t in class_names]) if class_names is not None else None
+
+    def snapped(fused: list[np.ndarray]) -> tuple[list[np.ndarray], int]:
+        """vowel|stop boundaries towards the closure landmark (a copy; unchanged without envelopes)."""
+        if envelopes is None:
+            return fused, 0
         vowel, stop = kind == CONTEXT_CLASSES.index("vowel"), kind == CONTEXT_CLASSES.index("stop")
-        moved = 0
+        out, moved = [], 0
         for i, (e, u) in enumerate(zip(fused, unit_ids)):
             u = np.asarray(u, dtype=np.int64)
             e = np.array(e, dtype=np.float64)
             moved += snap_closures(e, vowel[u], stop[u], envelopes[i], closure)
-            fused[i] = e
+            out.append(e)
+        return out, moved
+
+    fused = fuse_boundaries(members, ends, fusion, gate_s)
+    if use_det:  # a boundary detector learns the fused boundaries and joins the members
+        from common.boundary_detector import BoundaryDetector, detect, train_detector
+
+        t = time.time()
+        targets = list(snapped(fused)[0])
+        for i, e in (fixed_ends_s or {}).items():  # hand-checked rows teach it the labeller's boundaries
+            targets[i] = np.asarray(e, dtype=np.float64)
+        classes = [kind[np.asarray(u, dtype=np.int64)] for u in unit_ids]
+        hop_s, losses = cfg.hop_ms / 1000.0, []
+        if shard.main:  # trained once (rank 0), then shared, as the classifier
+            model, losses = train_detector(det_feats, classes, targets, len(CONTEXT_CLASSES), hop_s, detector,
+                                           device, log)
+        if shard.world > 1:
+            state, losses = shard.broadcast(({k: v.cpu() for k, v in model.state_dict().items()}, losses)
+                                            if shard.main else None)
+            if not shard.main:
+                model = BoundaryDetector(len(CONTEXT_CLASSES), det_feats[0].shape[1], detector.channels).to(device)
+                model.load_state_dict(state)
+                model.eval()
+        proposals = [m for w, m in members if not np.isscalar(w) or w > 0]
+        found = detect(model, det_feats, classes, proposals, durations, hop_s, detector, device, shard)
+        members.append((detector.weight, found))
+        named["detector"] = found
+        fused = fuse_boundaries(members, ends, fusion, gate_s)
+        stats["detector"] = {"epochs": len(losses), "loss": round(losses[-1], 4) if losses else None}
+        timing["detector_s"] = round(time.time() - t, 2)
+    fused, moved = snapped(fused)
+    if envelopes is not None:
         stats["closures_snapped"] = moved
     return fused, FUSION_GRID_S, confs, stats, named

@@ -20,13 +20,16 @@ OPTIONS = config.read_options(DEFAULT_YAML)
 
 
 def test_every_export_option_is_a_yaml_key_with_help():
-    fields = {f.name for f in dataclasses.fields(ExportOptions)} - {"refiner", "hmm_aligner", "long_rows"}
+    fields = {f.name for f in dataclasses.fields(ExportOptions)} - {"refiner", "hmm_aligner", "boundary_detector",
+                                                                     "long_rows"}
     assert set(OPTIONS) == fields
     assert all(o.help for o in OPTIONS.values()), [k for k, o in OPTIONS.items() if not o.help]
     opts = load_options({"corpus": "/c"})
     assert opts.refiner.rounds == OPTIONS["refine_rounds"].default == 8
     assert opts.refiner.margin_ms == OPTIONS["refine_margin_ms"].default
     assert opts.hmm_aligner.states == OPTIONS["hmm_states"].default == 3
+    assert opts.boundary_detector.epochs == OPTIONS["detector_epochs"].default == 3
+    assert opts.boundary_detector.weight == pytest.approx(OPTIONS["detector_weight"].default)
     assert opts.hmm_weight == pytest.approx(2 / 3) and opts.corpus == Path("/c")
     assert load_options({"corpus": Path("/c"), "model_dir": Path("/m")}).model_dir == Path("/m")  # library callers
 
@@ -67,6 +70,9 @@ def test_command_line_overrides():
         load_options({"corpus": "c", "hmm_mixture_score": "mean"})
     with pytest.raises(UserError, match="--hmm_variants: unknown key.s. win; a member may change .*win_ms"):
         load_options({"corpus": "c", "hmm_variants": [{"win_ms": 25.0}, {"win": 15.0}]})
+    with pytest.raises(UserError, match="--detector_.*epochs must be > 0"):
+        load_options({"corpus": "c", "detector_epochs": 0})
+    assert load_options({"corpus": "c", "detector_weight": 0.0, "detector_epochs": 0}).boundary_detector.weight == 0
     ctx = load_options({"corpus": "c", "hmm_variants": [{"win_ms": 25.0, "context_min_count": 20}]})
     assert ctx.hmm_aligner.variant_configs()[0].context_min_count == 20
 
