@@ -25,9 +25,11 @@ in ~30 s for 18 minutes of audio on 2 CPU cores.
 Features: 80 log-mel bands (25 ms window) at ``hop_ms``, normalised per utterance. Frame ``f`` is centred at
 ``f * hop`` (``center=True``), the convention of ``common.frames``.
 
-``refine_boundaries`` is the export's whole refinement: this loop, then two HMM-GMM alignments (``common.hmm``, one
-started from the classifier's alignment, one from a flat start), each boundary the weighted mean of the three
-(``fuse_boundaries``). Its knobs are ``RefineConfig`` / ``HMMConfig``, declared in ``hparams/export.yaml``.
+``refine_boundaries`` is the export's whole refinement: this loop, then two HMM-GMM ensembles (``common.hmm``, one
+started from the first pass's (or the classifier's) alignment, one from a flat start), each boundary a gated
+weighted mean of the members (``fuse_boundaries``), then a boundary detector trained on those fused boundaries
+(``common.boundary_detector``) as one more member, fused again. Its knobs are ``RefineConfig`` / ``HMMConfig`` /
+``DetectorConfig``, declared in ``hparams/export.yaml``.
 """
 from __future__ import annotations
 
