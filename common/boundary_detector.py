@@ -34,6 +34,7 @@ from torch import nn
 
 from common.audio import length_buckets
 from common.ddp import SINGLE, Shard
+from common.refine import _autocast, _pad
 
 DETECTOR_PRECISIONS = ("fp32", "bf16")
 
@@ -94,13 +95,6 @@ def _pairs(classes: np.ndarray, n_classes: int) -> np.ndarray:
     return classes[:-1] * n_classes + classes[1:]
 
 
-def _pad(feats: list[torch.Tensor], device) -> torch.Tensor:
-    x = torch.zeros(len(feats), max(f.shape[0] for f in feats), feats[0].shape[1])
-    for b, f in enumerate(feats):
-        x[b, : f.shape[0]] = f.float()
-    return x.to(device)
-
-
 def train_detector(feats: list[torch.Tensor], classes: list[np.ndarray], targets_s: list[np.ndarray | None],
                    n_classes: int, hop_s: float, cfg: DetectorConfig, device: str = "cpu", log=None
                    ) -> tuple[BoundaryDetector, list[float]]:
@@ -116,8 +110,6 @@ def train_detector(feats: list[torch.Tensor], classes: list[np.ndarray], targets
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     batches = length_buckets([feats[i].shape[0] for i in rows], max(1, int(cfg.batch_seconds / hop_s)))
     batches = [[rows[j] for j in b] for b in batches]
-    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                              enabled=cfg.precision == "bf16")
     model.train()
     losses = []
     for ep in range(cfg.epochs):
@@ -135,11 +127,10 @@ def train_detector(feats: list[torch.Tensor], classes: list[np.ndarray], targets
                 pairs.append(_pairs(classes[i], n_classes))
             b_of, lo_of = np.concatenate(b_of), np.concatenate(lo_of)
             tgt, pairs = torch.from_numpy(np.concatenate(tgt)), torch.from_numpy(np.concatenate(pairs))
-            x = _pad([feats[i] for i in idx], device)
-            lens = torch.tensor([feats[i].shape[0] for i in idx])
+            x, lens = _pad([feats[i] for i in idx], device)
             pos = torch.from_numpy(lo_of)[:, None] + torch.arange(width)[None]  # [N, width] frame indices
             valid = (pos >= 0) & (pos < lens[torch.from_numpy(b_of)][:, None])
-            with autocast:
+            with _autocast(device, cfg):
                 h = model.features(x)  # [B, C, T]
                 hp = nn.functional.pad(h, (width, width))  # any window position is inside the padded trunk
                 win = hp[torch.from_numpy(b_of)[:, None], :, pos + width]  # [N, width, C]
@@ -166,12 +157,10 @@ def detect(model: BoundaryDetector, feats: list[torch.Tensor], classes: list[np.
     the ``proposals`` (members' end times for that row; None where a member has none) minus ``cfg.search_ms`` and
     the latest plus it; the last unit ends with the audio. None for a row no member proposed anything for."""
     search = cfg.search_ms / 1000.0
-    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                              enabled=cfg.precision == "bf16")
     out: dict[int, np.ndarray | None] = {}
     for idx in shard.take(length_buckets([f.shape[0] for f in feats], max(1, int(4 * cfg.batch_seconds / hop_s)))):
-        with autocast:
-            h = model.features(_pad([feats[i] for i in idx], device))
+        with _autocast(device, cfg):
+            h = model.features(_pad([feats[i] for i in idx], device)[0])
         for b, i in enumerate(idx):
             have = [p[i] for p in proposals if p[i] is not None]
             if not have or len(have[0]) < 2:
@@ -179,7 +168,7 @@ def detect(model: BoundaryDetector, feats: list[torch.Tensor], classes: list[np.
                 continue
             P = np.stack([np.asarray(e, dtype=np.float64) for e in have])[:, :-1]  # [members, boundaries]
             T = feats[i].shape[0]
-            with autocast:
+            with _autocast(device, cfg):
                 s = model.scores(h[b: b + 1, :, :T].expand(P.shape[1], -1, -1),
                                  torch.from_numpy(_pairs(classes[i], model.n_classes)).to(device)).float().cpu()
             # the frames from the earliest proposal - search to the latest + search (at least one frame)
