@@ -219,6 +219,20 @@ def test_ensemble_and_flat_start_pull_a_late_first_pass_back_to_the_sound_change
         post, 1.0, hmm_init="first_pass", flat_single=True, fusion_precision=True)
     assert mean_inner_error_ms(ends_p, true_ends) < 11 and abs(signed_ms(ends_p)) < 11
     assert not all(np.allclose(a, b) for a, b in zip(ends_p, ends))
+    # ... and the boundary detector, on features of its own (no classifier to share them): one more member
+    from common.boundary_detector import DetectorConfig
+
+    names = ["pau", "a", "t", "s", "n", "l"]  # the tones read as manner classes (silence, vowel, stop, ...)
+    ends_d, _, _, stats_d, named_d = refine_boundaries(
+        lambda i: wavs[i], durs, units, late, len(TONE_FREQS) + 1, RefineConfig(rounds=0, sample_rate=TONE_SR),
+        post, 1.0, hmm_init="first_pass", flat_single=True, fusion_precision=True, class_names=names,
+        detector=DetectorConfig(epochs=3, channels=16))
+    assert "detector" in named_d and stats_d["detector"]["epochs"] == 3
+    assert all(len(d) == len(u) and d[-1] == pytest.approx(t) for d, u, t in zip(named_d["detector"], units, durs))
+    assert mean_inner_error_ms(ends_d, true_ends) < 11 and abs(signed_ms(ends_d)) < 11
+    with pytest.raises(ValueError, match="detector needs the token name"):
+        refine_boundaries(lambda i: wavs[i], durs, units, late, len(TONE_FREQS) + 1,
+                          RefineConfig(rounds=0, sample_rate=TONE_SR), post, 1.0, detector=DetectorConfig())
 
 
 def test_boundary_posterior_means_match_enumeration_and_tend_to_the_viterbi_path():
