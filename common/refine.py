@@ -419,7 +419,8 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
     variants it shares nothing with the recognizer or the other members. ``closure``
     (``common.landmarks.ClosureSnap``): the fused vowel|stop boundaries move towards the closure landmark.
     ``detector`` (``common.boundary_detector.DetectorConfig``, weight > 0): a boundary detector trained on the
-    fused boundaries joins the members and the boundaries are fused again (needs ``class_names``). With
+    fused boundaries joins the members and the boundaries are fused again (with the HMM-GMMs only: without them
+    there is no fusion; needs ``class_names``). With
     ``hmm.tie_min_count``, rare units share a frequent similar unit's GMMs (``common.phonology.tie_units``, from
     ``class_names``). ``load_wav(i)``: utterance ``i`` at ``cfg.sample_rate`` (read once for every pass). Returns
     (unit end times per utterance, the grid (s) they are on: the classifier's hop, or 1 ms when fused; the
@@ -436,7 +437,7 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
         raise ValueError("refinement needs the frame classifier (rounds > 0) or the HMM-GMMs (hmm_weight > 0)")
     bank = FeatureBank(hmm.variant_configs()) if use_hmm else None
     envelopes = [] if use_hmm and closure is not None and closure.active else None
-    use_det = detector is not None and detector.weight > 0
+    use_det = use_hmm and detector is not None and detector.weight > 0  # a member of the HMM-GMMs' fusion
     if use_det:
         detector.check()
         if class_names is None:
