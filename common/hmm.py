@@ -147,53 +147,97 @@ class StateGMMs:
         S, M, D = mu.shape
         ivar = 1.0 / var
         const = logw - 0.5 * (torch.log(var).sum(-1) + (mu * mu * ivar).sum(-1) + D * LOG2PI)  # [S, M]
-        quad = (x * x) @ ivar.reshape(S * M, D).t() - 2.0 * (x @ (mu * ivar).reshape(S * M, D).t())
-        z = (const.reshape(1, S * M) - 0.5 * quad).reshape(-1, S, M)
-        return (z.amax(-1) if mixture == "max" else torch.logsumexp(z, dim=-1)).t()[inverse]
+        # Gaussian-major columns ([M, S]): the mixture reduction below runs over M whole [T, S] slices (vectorised)
+        # rather than over a last axis of M (1..8) values, ~2x faster than torch.logsumexp on these shapes
+        z = torch.addmm(const.t().reshape(1, M * S), x * x, ivar.transpose(0, 1).reshape(M * S, D).t(), alpha=-0.5)
+        z = z.add_(x @ (mu * ivar).transpose(0, 1).reshape(M * S, D).t()).view(-1, M, S)  # [T, M, S]
+        if M == 1:
+            best = z[:, 0]
+        elif mixture == "max":
+            best = z.amax(1)
+        else:  # log-sum-exp over the mixture, shifted by each state's best Gaussian
+            best = z.amax(1)
+            best = (z - best[:, None]).exp_().sum(1).log_().add_(best)
+        return best.t()[inverse]
 
     def reestimate(self, x_all: torch.Tensor, labels: np.ndarray, n_mix: int, em_iters: int) -> None:
         """Fit each state's GMM to its frames (rows of ``x_all`` whose label is the state), splitting its heaviest
         Gaussian until it has ``n_mix`` (while it has >= 4 frames per Gaussian). A state without frames keeps its
-        old GMM."""
-        S, _, D = self.mu.shape
-        mu = torch.zeros(S, n_mix, D)
-        var = torch.ones(S, n_mix, D)
-        logw = torch.full((S, n_mix), -1e4)
-        order = np.argsort(labels, kind="stable")
+        old GMM.
+
+        All states at once: the splits run over the states together (one per step), and EM over states grouped by
+        frame count (a power-of-two size class, frames zero-padded to its largest), a batched matmul per group,
+        rather than a loop over the states (their count was the cost: hundreds of small ops each)."""
+        S, M_old, D = self.mu.shape
         counts = np.bincount(labels, minlength=S)
+        live = self.logw > -1e3  # [S, M_old]; a state's live Gaussians fill its first slots
+        n_live = live.sum(1)
+        keep = torch.from_numpy(counts < 2)
+        # a state with frames splits up to n_mix Gaussians while it has >= 4 frames per Gaussian
+        n_new = torch.where(n_live >= n_mix, n_live, torch.minimum(torch.full_like(n_live, n_mix), torch.maximum(
+            n_live, torch.from_numpy(counts // 4)))).clamp(max=n_mix)
+        n_new = torch.where(keep, n_live.clamp(max=n_mix), n_new)
+        Mx = max(n_mix, M_old)
+        mu = torch.zeros(S, Mx, D)
+        var = torch.ones(S, Mx, D)
+        logw = torch.full((S, Mx), -1e4)
+        mu[:, :M_old], var[:, :M_old], logw[:, :M_old] = self.mu, self.var, torch.where(live, self.logw, -1e4)
+        cur = n_live.clone()
+        while True:  # one split per state per step: its heaviest Gaussian k -> (mu_k - eps, mu_k + eps), half weight
+            todo = torch.nonzero((cur < n_new) & ~keep).flatten()
+            if not len(todo):
+                break
+            k = torch.argmax(logw[todo], 1)
+            j = cur[todo]
+            eps = 0.2 * var[todo, k].sqrt()
+            mu[todo, j] = mu[todo, k] + eps
+            mu[todo, k] = mu[todo, k] - eps
+            var[todo, j] = var[todo, k]
+            half = logw[todo, k] - math.log(2.0)
+            logw[todo, k] = half
+            logw[todo, j] = half
+            cur[todo] += 1
+        used = torch.arange(Mx)[None, :] < n_new[:, None]  # [S, Mx]
+        mu, var, logw = mu.masked_fill(~used[:, :, None], 0.0), var.masked_fill(~used[:, :, None], 1.0), \
+            logw.masked_fill(~used, -1e4)
+        # EM per size class of states with >= 2 frames
+        order = np.argsort(labels, kind="stable")
         starts = np.concatenate([[0], np.cumsum(counts)])
         x_sorted = x_all[torch.from_numpy(order)]
-        for s in range(S):
-            m_mu, m_var, m_logw = self.mu[s], self.var[s], self.logw[s]
-            live = m_logw > -1e3
-            m_mu, m_var, m_logw = m_mu[live], m_var[live], m_logw[live]
-            if counts[s] < 2:
-                k = min(n_mix, m_mu.shape[0])
-                mu[s, :k], var[s, :k], logw[s, :k] = m_mu[:k], m_var[:k], m_logw[:k]
-                continue
-            x = x_sorted[starts[s]: starts[s + 1]]
-            while m_mu.shape[0] < n_mix and x.shape[0] >= 4 * (m_mu.shape[0] + 1):
-                k = int(torch.argmax(m_logw))
-                eps = 0.2 * m_var[k].sqrt()
-                m_mu = torch.cat([m_mu, (m_mu[k] + eps)[None]])
-                m_mu[k] = m_mu[k] - eps
-                m_var = torch.cat([m_var, m_var[k][None]])
-                m_logw = torch.cat([m_logw, m_logw[k][None]])
-                m_logw[k] = m_logw[-1] = m_logw[k] - math.log(2.0)
-            for _ in range(em_iters if m_mu.shape[0] > 1 else 1):
-                if m_mu.shape[0] == 1:
-                    r = torch.ones(x.shape[0], 1)
-                else:
-                    ivar = 1.0 / m_var
-                    const = m_logw - 0.5 * (torch.log(m_var).sum(-1) + (m_mu * m_mu * ivar).sum(-1) + D * LOG2PI)
-                    r = torch.softmax(const[None] - 0.5 * ((x * x) @ ivar.t() - 2.0 * (x @ (m_mu * ivar).t())), 1)
-                n = r.sum(0) + 1e-6
-                m_mu = (r.t() @ x) / n[:, None]
-                m_var = ((r.t() @ (x * x)) / n[:, None] - m_mu ** 2).clamp_min(VAR_FLOOR)
-                m_logw = torch.log(n / n.sum())
-            k = m_mu.shape[0]
-            mu[s, :k], var[s, :k], logw[s, :k] = m_mu, m_var, m_logw
-        self.mu, self.var, self.logw = mu, var, logw
+        fit = np.flatnonzero(counts >= 2)
+        size_class = np.ceil(np.log2(np.maximum(counts[fit], 1))).astype(np.int64)
+        for c in np.unique(size_class):
+            group = fit[size_class == c]
+            n_max = int(counts[group].max())
+            pos = np.arange(n_max)[None, :]
+            inside = pos < counts[group][:, None]
+            idx = np.where(inside, starts[group][:, None] + pos, 0)
+            mask = inside.astype(np.float32)
+            X = x_sorted[torch.from_numpy(idx)] * torch.from_numpy(mask)[:, :, None]  # [G, n_max, D]
+            X2 = X * X
+            msk = torch.from_numpy(mask)[:, :, None]
+            gi = torch.from_numpy(group)
+            g_mu, g_var, g_logw, g_used = mu[gi], var[gi], logw[gi], used[gi].to(X.dtype)
+            single = (n_new[gi] == 1)[:, None, None]
+            for _ in range(em_iters):
+                ivar = 1.0 / g_var
+                const = g_logw - 0.5 * (torch.log(g_var).sum(-1) + (g_mu * g_mu * ivar).sum(-1) + D * LOG2PI)
+                z = const[:, None, :] - 0.5 * (torch.bmm(X2, ivar.transpose(1, 2))
+                                               - 2.0 * torch.bmm(X, (g_mu * ivar).transpose(1, 2)))
+                z = z.masked_fill(g_used[:, None, :] == 0, -torch.inf)
+                r = torch.where(single, (g_used[:, None, :] > 0).to(X.dtype), torch.softmax(z, -1)) * msk
+                n = (r.sum(1) + 1e-6) * g_used  # [G, Mx]
+                nn = n.clamp(min=1e-30)[:, :, None]
+                g_mu = torch.bmm(r.transpose(1, 2), X) / nn
+                g_var = (torch.bmm(r.transpose(1, 2), X2) / nn - g_mu ** 2).clamp_min(VAR_FLOOR)
+                g_logw = torch.log(n / n.sum(1, keepdim=True))
+                g_mu = torch.where(g_used[:, :, None] > 0, g_mu, 0.0)
+                g_var = torch.where(g_used[:, :, None] > 0, g_var, 1.0)
+                g_logw = torch.where(g_used > 0, g_logw, -1e4)
+            mu[gi], var[gi], logw[gi] = g_mu, g_var, g_logw
+        width = max(int(n_new.max()), 1)
+        self.mu, self.var = mu[:, :width].contiguous(), var[:, :width].contiguous()
+        self.logw = logw[:, :width].contiguous()
 
 
 def split_counts(unit_counts, states: int) -> np.ndarray:

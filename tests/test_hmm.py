@@ -46,6 +46,68 @@ def test_gmm_reestimate_finds_two_clusters_and_keeps_unseen_states():
     assert ll.shape == (2, 3) and torch.isfinite(ll).all() and (ll[0] > ll[1]).all()
 
 
+def _reference_reestimate(mu, var, logw, x, labels, n_mix, em_iters, floor):
+    """The per-state loop ``StateGMMs.reestimate`` batches (float64): split the heaviest Gaussian while the state
+    has >= 4 frames per Gaussian, then EM; a state with < 2 frames keeps its first Gaussians."""
+    S, _, D = mu.shape
+    out = (torch.zeros(S, n_mix, D, dtype=x.dtype), torch.ones(S, n_mix, D, dtype=x.dtype),
+           torch.full((S, n_mix), -1e4, dtype=x.dtype))
+    for s in range(S):
+        live = logw[s] > -1e3
+        m, v, w = mu[s][live].clone(), var[s][live].clone(), logw[s][live].clone()
+        xs = x[torch.from_numpy(labels == s)]
+        if len(xs) >= 2:
+            while len(m) < n_mix and len(xs) >= 4 * (len(m) + 1):
+                k = int(torch.argmax(w))
+                eps = 0.2 * v[k].sqrt()
+                m, v, w = torch.cat([m, (m[k] + eps)[None]]), torch.cat([v, v[k][None]]), torch.cat([w, w[k][None]])
+                m[k] = m[k] - eps
+                w[k] = w[-1] = w[k] - np.log(2.0)
+            for _ in range(em_iters):
+                dens = torch.distributions.Normal(m[None], v[None].sqrt()).log_prob(xs[:, None]).sum(-1) + w[None]
+                r = torch.softmax(dens, 1)
+                n = r.sum(0) + 1e-6
+                m = (r.t() @ xs) / n[:, None]
+                v = ((r.t() @ (xs * xs)) / n[:, None] - m ** 2).clamp_min(floor)
+                w = torch.log(n / n.sum())
+        k = min(len(m), n_mix)
+        out[0][s, :k], out[1][s, :k], out[2][s, :k] = m[:k], v[:k], w[:k]
+    return out
+
+
+def test_batched_reestimate_and_loglik_match_the_per_state_reference():
+    """The batched EM (all states at once, grouped by frame count) is the per-state algorithm: the same splits and
+    the same fits, in float64 to 1e-9; the scores are the mixtures' log densities, log-sum or best Gaussian."""
+    from common.hmm import VAR_FLOOR
+    torch.set_default_dtype(torch.float64)
+    try:
+        rng = np.random.default_rng(3)
+        S, D = 9, 4
+        counts = [0, 1, 3, 7, 20, 60, 150, 400, 900]  # unseen, too few for EM, too few to split, ... many
+        labels = np.concatenate([np.full(c, s) for s, c in enumerate(counts)])
+        x = torch.from_numpy(rng.normal(size=(len(labels), D)) * (1 + labels[:, None] % 3)
+                             + labels[:, None] * 0.5 + rng.choice([-2.0, 2.0], size=(len(labels), 1)))
+        m = StateGMMs(S, D)
+        ref = (m.mu.clone(), m.var.clone(), m.logw.clone())
+        for n_mix in (1, 2, 4, 8, 8):
+            m.reestimate(x, labels, n_mix, 3)
+            ref = _reference_reestimate(*ref, x, labels, n_mix, 3, VAR_FLOOR)
+            width = m.mu.shape[1]
+            assert width <= n_mix and bool((ref[2][:, width:] < -1e3).all())
+            for got, want in zip((m.mu, m.var, m.logw), ref):
+                assert torch.allclose(got, want[:, :width], atol=1e-9), (n_mix, (got - want[:, :width]).abs().max())
+        assert (m.logw > -1e3).sum(1).tolist() == [1, 1, 1, 1, 5, 8, 8, 8, 8]
+        states = torch.tensor([8, 4, 0, 8])
+        live = m.logw[states] > -1e3
+        dens = torch.distributions.Normal(m.mu[states][None], m.var[states][None].sqrt()).log_prob(
+            x[:50, None, None]).sum(-1) + m.logw[states][None]
+        dens = dens.masked_fill(~live[None], -torch.inf)
+        assert torch.allclose(m.loglik(x[:50], states), torch.logsumexp(dens, -1).t(), atol=1e-9)
+        assert torch.allclose(m.loglik(x[:50], states, "max"), dens.amax(-1).t(), atol=1e-9)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def _tones_from_a_noisy_start():
     """The tone corpus, its MFCCs, and a start that is right on average but +-30 ms off at each boundary (in
     export: the neural refiner's alignment)."""
