@@ -50,6 +50,27 @@ LOSS_AIDS = ("blank_rate", "coverage", "entropy", "attn_duration")  # the names 
 # --------------------------------------------------------------------------------------------------------------------
 # input aids
 # --------------------------------------------------------------------------------------------------------------------
+def input_aids(hp, feats: torch.Tensor, wav_lens: torch.Tensor, tokens_bos: torch.Tensor):
+    """A training batch's feature and decoder-input aids, each as switched in ``hp`` (``hparams/phoneme.yaml``):
+    SpeechBrain's SpecAugment (``hp.fea_augment``, only with ``spec_augment``), then ``adaptive_masking``,
+    ``frame_dropout``, ``mixup`` and ``phoneme_dropout``. Returns (feats, wav_lens, tokens_bos, mixup: None or
+    (perm, lam) for the losses)."""
+    mixup = None
+    if hp.spec_augment:
+        feats, _ = hp.fea_augment(feats, wav_lens)
+    if hp.adaptive_masking and float(torch.rand(())) < float(hp.adaptive_mask_prob):
+        feats = adaptive_masks(feats, wav_lens, hp)
+    if float(hp.frame_dropout) > 0:
+        feats = frame_dropout(feats, float(hp.frame_dropout))
+    if hp.mixup:
+        mixup = draw_mixup(feats.shape[0], float(hp.mixup_alpha), float(hp.mixup_prob))
+        if mixup is not None:
+            feats, wav_lens = mix(feats, wav_lens, *mixup)
+    if float(hp.phoneme_dropout) > 0:
+        tokens_bos = phoneme_dropout(tokens_bos, float(hp.phoneme_dropout))
+    return feats, wav_lens, tokens_bos, mixup
+
+
 def vtlp(feats: torch.Tensor, low: float, high: float, generator=None) -> torch.Tensor:
     """Stretch each row's mel axis by a factor in [low, high]: bin ``f`` reads the input at ``f * alpha`` (linear
     interpolation, clamped at the top bin). ``feats`` [B, T, F] log-mel."""

@@ -98,18 +98,8 @@ class PhonemeBrain(SkipNonFiniteBatches, LocalBatchNormDDP, sb.Brain):
             wavs, wav_lens = hp.wav_augment(wavs, wav_lens)
         warp = (lambda f: AIDS.vtlp(f, float(hp.vtlp_low), float(hp.vtlp_high))) if train and hp.vtlp else None
         feats = M.compute_feats(self.modules, hp, wavs, wav_lens, epoch=hp.epoch_counter.current, warp=warp)
-        if train:  # AuxiliaryASR's input aids (common/train_aids.py), after SpeechBrain's SpecAugment
-            feats, _ = hp.fea_augment(feats, wav_lens)
-            if hp.adaptive_masking and float(torch.rand(())) < float(hp.adaptive_mask_prob):
-                feats = AIDS.adaptive_masks(feats, wav_lens, hp)
-            if float(hp.frame_dropout) > 0:
-                feats = AIDS.frame_dropout(feats, float(hp.frame_dropout))
-            if hp.mixup:
-                mixup = AIDS.draw_mixup(feats.shape[0], float(hp.mixup_alpha), float(hp.mixup_prob))
-                if mixup is not None:
-                    feats, wav_lens = AIDS.mix(feats, wav_lens, *mixup)
-            if float(hp.phoneme_dropout) > 0:
-                tokens_bos = AIDS.phoneme_dropout(tokens_bos, float(hp.phoneme_dropout))
+        if train:  # SpeechBrain's SpecAugment (--spec_augment), then AuxiliaryASR's input aids
+            feats, wav_lens, tokens_bos, mixup = AIDS.input_aids(hp, feats, wav_lens, tokens_bos)
         enc = M.encode(self.modules, feats, wav_lens)
         out = {"p_ctc": M.ctc_log_probs(self.modules, hp, enc), "wav_lens": wav_lens, "mixup": mixup}
         every = max(int(self.hparams.s2s_every), 1)

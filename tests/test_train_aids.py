@@ -143,3 +143,26 @@ def test_loss_aids_switch_warm_up_and_carry_gradients():
     assert AIDS.ramp(0.5, 1.0, 5, 10) == pytest.approx(0.75) and AIDS.ramp(0.5, 1.0, 50, 10) == 1.0
     sum(on.values()).backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_input_aids_follow_their_switches_spec_augment_included():
+    """``--spec_augment False`` (the default) leaves the features to the other aids: SpeechBrain's SpecAugment is
+    not called (it was called whatever the switch said, until the switch was read); with everything off the batch
+    passes unchanged."""
+    calls = []
+
+    def fea_augment(feats, lens):
+        calls.append(feats.shape)
+        return feats * 0.0, lens
+
+    hp = SimpleNamespace(spec_augment=False, fea_augment=fea_augment, adaptive_masking=False, adaptive_mask_prob=0.5,
+                         frame_dropout=0.0, mixup=False, mixup_alpha=0.4, mixup_prob=1.0, phoneme_dropout=0.0)
+    feats, lens, bos = torch.randn(2, 30, 8), torch.tensor([1.0, 0.6]), torch.tensor([[1, 5, 6], [1, 7, 0]])
+    f, ln, b, mixup = AIDS.input_aids(hp, feats, lens, bos)
+    assert not calls and mixup is None and torch.equal(f, feats) and torch.equal(ln, lens) and torch.equal(b, bos)
+    hp.spec_augment = True
+    f, *_ = AIDS.input_aids(hp, feats, lens, bos)
+    assert calls == [feats.shape] and float(f.abs().sum()) == 0.0
+    hp.spec_augment, hp.mixup, hp.frame_dropout = False, True, 0.5
+    f, ln, _, mixup = AIDS.input_aids(hp, feats, lens, bos)
+    assert len(calls) == 1 and mixup is not None and not torch.equal(f, feats)

@@ -94,7 +94,7 @@ def train_tiny(data: Path, out: Path, timeout: float = 600, **overrides) -> Path
 # A tiny model trained normally (not overfit) long enough to leave the CTC blank plateau: its alignments are
 # meaningful on the whole tiny corpus (tests/test_accuracy.py). About 3-4 minutes on 2 idle cores.
 ALIGNER = dict(conv_channels=96, rnn_neurons=96, enc_dim=96, dec_neurons=64, attn_dim=32, emb_size=16,
-               speed_perturb=False, add_white_noise=False, spec_augment=False, lr=0.005, max_batch_length=6,
+               speed_perturb=False, add_white_noise=False, spec_augment=True, lr=0.005, max_batch_length=6,
                lr_annealing_factor=1.0, number_of_epochs=45, skip_test=True, num_threads=1, stop_align_shift_ms=0)
 
 
