@@ -15,6 +15,7 @@ A run folder can be moved or copied to another machine: nothing in it points bac
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -97,6 +98,8 @@ def prepare(hparams_file, overrides, hparams) -> None:
     out = Path(hparams["output_folder"])
     sb.create_experiment_directory(experiment_directory=str(out), hyperparams_to_save=hparams_file,
                                    overrides=overrides)
+    # SpeechBrain's log file takes DEBUG records: numba's compiler writes ~20,000 of them (seconds) on a first run
+    logging.getLogger("numba").setLevel(logging.WARNING)
     src, dst = Path(hparams["tokens_file"]), out / TOKENS_FILE
     if dst.is_file() and dst.read_text(encoding="utf-8") != src.read_text(encoding="utf-8") \
             and any((out / "save").glob("CKPT*")):
