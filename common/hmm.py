@@ -166,17 +166,17 @@ class StateGMMs:
         old GMM.
 
         All states at once: the splits run over the states together (one per step), and EM over states grouped by
-        frame count (a power-of-two size class, frames zero-padded to its largest), a batched matmul per group,
-        rather than a loop over the states (their count was the cost: hundreds of small ops each)."""
+        frame count (a power-of-two size class, padded to its largest with frames of no responsibility), a batched
+        matmul per group, rather than a loop over the states (their count was the cost: hundreds of small ops
+        each)."""
         S, M_old, D = self.mu.shape
         counts = np.bincount(labels, minlength=S)
         live = self.logw > -1e3  # [S, M_old]; a state's live Gaussians fill its first slots
         n_live = live.sum(1)
         keep = torch.from_numpy(counts < 2)
         # a state with frames splits up to n_mix Gaussians while it has >= 4 frames per Gaussian
-        n_new = torch.where(n_live >= n_mix, n_live, torch.minimum(torch.full_like(n_live, n_mix), torch.maximum(
-            n_live, torch.from_numpy(counts // 4)))).clamp(max=n_mix)
-        n_new = torch.where(keep, n_live.clamp(max=n_mix), n_new)
+        n_split = torch.maximum(n_live, torch.from_numpy(counts // 4).clamp(max=n_mix))
+        n_new = torch.where(keep, n_live, n_split).clamp(max=n_mix)
         Mx = max(n_mix, M_old)
         mu = torch.zeros(S, Mx, D)
         var = torch.ones(S, Mx, D)
@@ -212,29 +212,25 @@ class StateGMMs:
             pos = np.arange(n_max)[None, :]
             inside = pos < counts[group][:, None]
             idx = np.where(inside, starts[group][:, None] + pos, 0)
-            mask = inside.astype(np.float32)
-            X = x_sorted[torch.from_numpy(idx)] * torch.from_numpy(mask)[:, :, None]  # [G, n_max, D]
+            X = x_sorted[torch.from_numpy(idx)]  # [G, n_max, D]; padding frames get no responsibility below
             X2 = X * X
-            msk = torch.from_numpy(mask)[:, :, None]
+            real = torch.from_numpy(inside.astype(np.float32))[:, :, None]
             gi = torch.from_numpy(group)
-            g_mu, g_var, g_logw, g_used = mu[gi], var[gi], logw[gi], used[gi].to(X.dtype)
-            single = (n_new[gi] == 1)[:, None, None]
-            for _ in range(em_iters):
+            g_mu, g_var, g_logw, g_used = mu[gi], var[gi], logw[gi], used[gi]
+            for _ in range(em_iters):  # a single Gaussian's responsibilities are exactly 1 (one finite logit)
                 ivar = 1.0 / g_var
                 const = g_logw - 0.5 * (torch.log(g_var).sum(-1) + (g_mu * g_mu * ivar).sum(-1) + D * LOG2PI)
                 z = const[:, None, :] - 0.5 * (torch.bmm(X2, ivar.transpose(1, 2))
                                                - 2.0 * torch.bmm(X, (g_mu * ivar).transpose(1, 2)))
-                z = z.masked_fill(g_used[:, None, :] == 0, -torch.inf)
-                r = torch.where(single, (g_used[:, None, :] > 0).to(X.dtype), torch.softmax(z, -1)) * msk
-                n = (r.sum(1) + 1e-6) * g_used  # [G, Mx]
+                r = torch.softmax(z.masked_fill(~g_used[:, None, :], -torch.inf), -1) * real
+                n = (r.sum(1) + 1e-6) * g_used  # [G, Mx]; 0 for the unused slots
                 nn = n.clamp(min=1e-30)[:, :, None]
                 g_mu = torch.bmm(r.transpose(1, 2), X) / nn
                 g_var = (torch.bmm(r.transpose(1, 2), X2) / nn - g_mu ** 2).clamp_min(VAR_FLOOR)
-                g_logw = torch.log(n / n.sum(1, keepdim=True))
-                g_mu = torch.where(g_used[:, :, None] > 0, g_mu, 0.0)
-                g_var = torch.where(g_used[:, :, None] > 0, g_var, 1.0)
-                g_logw = torch.where(g_used > 0, g_logw, -1e4)
-            mu[gi], var[gi], logw[gi] = g_mu, g_var, g_logw
+                g_logw = torch.log(n / n.sum(1, keepdim=True))  # -inf for the unused slots, masked above
+            mu[gi] = g_mu.masked_fill(~g_used[:, :, None], 0.0)
+            var[gi] = g_var.masked_fill(~g_used[:, :, None], 1.0)
+            logw[gi] = g_logw.masked_fill(~g_used, -1e4)
         width = max(int(n_new.max()), 1)
         self.mu, self.var = mu[:, :width].contiguous(), var[:, :width].contiguous()
         self.logw = logw[:, :width].contiguous()
