@@ -62,9 +62,10 @@ def batch_lr(hp, clock: TrainClock, epoch: int, step: int, batches_per_epoch: in
 
     ``hp``: the recipe's hparams (``lr``, ``lr_schedule`` newbob|cosine, ``lr_final_ratio``, ``warmup_steps``,
     ``max_train_minutes``, ``epoch_counter``). A linear warm-up over the first ``warmup_steps`` optimizer steps
-    scales either schedule; cosine decays to ``lr * lr_final_ratio`` at the end of the epochs or of the time
-    budget, whichever ends the run."""
-    warmup = int(hp.warmup_steps)
+    (none in ``overfit_one_batch`` mode) scales either schedule; cosine decays to ``lr * lr_final_ratio`` at the
+    end of the epochs or of the time budget, whichever ends the run."""
+    # the overfit sanity check (a few hundred steps on one batch) runs at the full rate from its first step
+    warmup = 0 if getattr(hp, "overfit_one_batch", False) else int(hp.warmup_steps)
     scale = min(1.0, (optimizer_step + 1) / warmup) if warmup > 0 else 1.0
     if hp.lr_schedule == "cosine":
         progress = run_progress(epoch, step, batches_per_epoch, hp.epoch_counter.limit, clock.elapsed(),

@@ -32,6 +32,7 @@ TINY = [  # a small model so a run takes seconds
     "--conv_channels", "96", "--rnn_neurons", "96", "--rnn_layers", "1", "--enc_dim", "96", "--dec_neurons", "96",
     "--attn_dim", "64", "--emb_size", "32", "--test_beam_search", "False", "--num_threads", "1",
     "--stop_align_shift_ms", "0",  # the tests count epochs (the stop rule has its own test)
+    "--warmup_steps", "0",  # a few dozen steps per run: the full rate from the first
 ]
 SWEEP_HEADER = (
     "timestamp, run_id, run_stage, model, output_dir, dataset_part, train_fraction, validation_samples, epochs, wer, "

@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 
 from common.metrics import error_rate, levenshtein  # noqa: E402
 from common.first_pass import BoundaryDrift  # noqa: E402
-from common.schedules import TrainClock, aligned_stop, cosine_lr, run_progress  # noqa: E402
+from common.schedules import TrainClock, aligned_stop, batch_lr, cosine_lr, run_progress  # noqa: E402
 
 
 def test_cosine_lr_endpoints_and_monotone():
@@ -25,6 +25,23 @@ def test_cosine_lr_endpoints_and_monotone():
     vals = [cosine_lr(1.0, p / 20, 0.1) for p in range(21)]
     assert all(a > b for a, b in zip(vals, vals[1:]))
     assert cosine_lr(1.0, 1.7, 0.1) == pytest.approx(0.1) and cosine_lr(1.0, -1, 0.1) == pytest.approx(1.0)
+
+
+def test_warmup_ramps_newbob_and_spares_the_overfit_check():
+    from types import SimpleNamespace
+
+    hp = SimpleNamespace(lr=0.003, lr_schedule="newbob", lr_final_ratio=0.05, warmup_steps=100, max_train_minutes=0,
+                         epoch_counter=SimpleNamespace(limit=10), overfit_one_batch=False)
+    clock = TrainClock()
+    # linear ramp of NewBob's rate over the first 100 optimizer steps, then NewBob's own (None: left as it is)
+    assert batch_lr(hp, clock, 1, 0, 148, 0, 0.003) == pytest.approx(0.003 / 100)
+    assert batch_lr(hp, clock, 1, 49, 148, 49, 0.003) == pytest.approx(0.0015)
+    assert batch_lr(hp, clock, 1, 99, 148, 99, 0.002) == pytest.approx(0.002)
+    assert batch_lr(hp, clock, 1, 120, 148, 120, 0.003) is None
+    hp.overfit_one_batch = True  # the sanity check trains at the full rate from its first step
+    assert batch_lr(hp, clock, 1, 0, 10, 0, 0.003) is None
+    hp.overfit_one_batch, hp.warmup_steps = False, 0
+    assert batch_lr(hp, clock, 1, 0, 148, 0, 0.003) is None
 
 
 def test_run_progress_takes_the_tighter_limit():

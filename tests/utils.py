@@ -18,9 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Small and fast: trains in well under a minute on one CPU thread.
 # stop_align_shift_ms 0: the tests count epochs, so they train exactly number_of_epochs (the stop rule has its own
-# test in test_train.py)
+# test in test_train.py); warmup_steps 0: a run of a few dozen steps trains at the full rate from the first
 TINY_MODEL = dict(conv_channels=96, rnn_neurons=96, rnn_layers=1, enc_dim=96, dec_neurons=96, attn_dim=64,
-                  emb_size=32, dropout=0.0, test_beam_search=False, num_threads=1, stop_align_shift_ms=0)
+                  emb_size=32, dropout=0.0, test_beam_search=False, num_threads=1, stop_align_shift_ms=0,
+                  warmup_steps=0)
 # Overfit mode: the first OVERFIT_UTTS training rows, overfit_repeats (10) steps per epoch.
 OVERFIT_UTTS = 4
 OVERFIT = dict(overfit_one_batch=True, overfit_batch_size=OVERFIT_UTTS, overfit_epochs=15, lr=0.003,
@@ -95,7 +96,8 @@ def train_tiny(data: Path, out: Path, timeout: float = 600, **overrides) -> Path
 # meaningful on the whole tiny corpus (tests/test_accuracy.py). About 3-4 minutes on 2 idle cores.
 ALIGNER = dict(conv_channels=96, rnn_neurons=96, enc_dim=96, dec_neurons=64, attn_dim=32, emb_size=16,
                speed_perturb=False, add_white_noise=False, spec_augment=True, lr=0.005, max_batch_length=6,
-               lr_annealing_factor=1.0, number_of_epochs=45, skip_test=True, num_threads=1, stop_align_shift_ms=0)
+               lr_annealing_factor=1.0, number_of_epochs=45, skip_test=True, num_threads=1, stop_align_shift_ms=0,
+               warmup_steps=0)
 
 
 def train_aligner(data: Path, out: Path, timeout: float = 1200) -> Path:
