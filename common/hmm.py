@@ -128,6 +128,14 @@ class MFCC:
             return ((x - x.mean(0)) / (x.std(0) + 1e-5)).contiguous()
 
 
+def gaussian_terms(mu: torch.Tensor, var: torch.Tensor, logw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diagonal Gaussians ``mu``/``var`` [..., M, D] with log weights ``logw`` [..., M] -> (``1 / var``, each
+    Gaussian's weighted log density at x = 0 [..., M]): ``log N(x) + logw = const - 0.5 * (x^2 . ivar - 2 x .
+    mu ivar)``."""
+    ivar = 1.0 / var
+    return ivar, logw - 0.5 * (torch.log(var).sum(-1) + (mu * mu * ivar).sum(-1) + mu.shape[-1] * LOG2PI)
+
+
 class StateGMMs:
     """Per state: M diagonal Gaussians (means, variances, log weights; unused slots have log weight -1e4) and a
     self-loop log-probability."""
@@ -145,8 +153,7 @@ class StateGMMs:
         states, inverse = torch.unique(states, return_inverse=True)
         mu, var, logw = self.mu[states], self.var[states], self.logw[states]  # [S, M, D], [S, M]
         S, M, D = mu.shape
-        ivar = 1.0 / var
-        const = logw - 0.5 * (torch.log(var).sum(-1) + (mu * mu * ivar).sum(-1) + D * LOG2PI)  # [S, M]
+        ivar, const = gaussian_terms(mu, var, logw)  # [S, M, D], [S, M]
         # Gaussian-major columns ([M, S]): the mixture reduction below runs over M whole [T, S] slices (vectorised)
         # rather than over a last axis of M (1..8) values, ~2x faster than torch.logsumexp on these shapes
         z = torch.addmm(const.t().reshape(1, M * S), x * x, ivar.transpose(0, 1).reshape(M * S, D).t(), alpha=-0.5)
@@ -218,8 +225,7 @@ class StateGMMs:
             gi = torch.from_numpy(group)
             g_mu, g_var, g_logw, g_used = mu[gi], var[gi], logw[gi], used[gi]
             for _ in range(em_iters):  # a single Gaussian's responsibilities are exactly 1 (one finite logit)
-                ivar = 1.0 / g_var
-                const = g_logw - 0.5 * (torch.log(g_var).sum(-1) + (g_mu * g_mu * ivar).sum(-1) + D * LOG2PI)
+                ivar, const = gaussian_terms(g_mu, g_var, g_logw)
                 z = const[:, None, :] - 0.5 * (torch.bmm(X2, ivar.transpose(1, 2))
                                                - 2.0 * torch.bmm(X, (g_mu * ivar).transpose(1, 2)))
                 r = torch.softmax(z.masked_fill(~g_used[:, None, :], -torch.inf), -1) * real
