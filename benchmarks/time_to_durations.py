@@ -31,7 +31,8 @@ from common.pipeline import Pipeline  # noqa: E402
 MFA_SECONDS = 494.0  # MFA 3.4 train + align on a corpus of this kind, 2 cores (docs/design.md)
 MFA_BOUNDARIES = (11.5, 85.5)  # its mean |error| (ms) and % within 20 ms there
 # the defaults before the speed work (hparams/phoneme.yaml and hparams/export.yaml as of that commit)
-BASELINE = {"train": ["--number_of_epochs", "30", "--stop_align_shift_ms", "0", "--warmup_steps", "0"], "export": []}
+BASELINE = {"train": ["--number_of_epochs", "30", "--stop_align_shift_ms", "0", "--warmup_steps", "0",
+                       "--ctc_blank_prior", "0"], "export": []}
 
 
 def build_corpus(work: Path) -> Path:

@@ -23,6 +23,7 @@ Inference API (used by export / decode scripts)::
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,23 @@ from common.vocab import BLANK_ID, BOS_ID, Vocab
 def vocab_size(tokens_file: str) -> int:
     """Number of model tokens (specials included) in ``tokens.txt``."""
     return len(Vocab.load(tokens_file))
+
+
+def blank_prior(linear, blank_index: int, prob: float):
+    """``linear`` (the CTC output layer, a SpeechBrain ``Linear``) with its blank bias raised so that, while the other
+    logits are still near 0, blank starts at probability ``prob`` on every frame (0 = leave the random init).
+
+    CTC's first phase is always blank-dominant; starting there spares the first steps' detour (yaml
+    ``ctc_blank_prior``). The weights a run loads afterwards (checkpoint, ``--pretrained_path``) replace this."""
+    prob = float(prob)
+    if not 0.0 <= prob < 1.0:
+        raise UserError(f"ctc_blank_prior={prob}: give a probability in [0, 1), e.g. --ctc_blank_prior 0.8 (0 = off)")
+    if prob > 0:
+        layer = linear.w
+        others = layer.out_features - 1
+        with torch.no_grad():
+            layer.bias[blank_index] += math.log(others * prob / (1.0 - prob))
+    return linear
 
 
 # --------------------------------------------------------------------------------------------------------------------

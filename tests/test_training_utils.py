@@ -2,6 +2,7 @@
 (checkpoints that appear only once complete)."""
 from __future__ import annotations
 
+import math
 import random
 import sys
 import time
@@ -192,3 +193,30 @@ def test_boundary_drift_and_the_stop_rule():
                             epoch=5)                                            # resumed: no shift yet
     H.stop_align_shift_ms = 0.0
     assert not aligned_stop(hist, H, epoch=3)                                   # off
+
+
+def test_ctc_blank_prior_starts_the_ctc_head_on_blank(tmp_path):
+    """yaml ``ctc_blank_prior``: the CTC output layer starts with blank at that probability; 0 leaves the init."""
+    from hyperpyyaml import load_hyperpyyaml
+
+    from common.io import UserError
+    from common.model import blank_prior
+
+    def head(prior, seed=7):
+        text = (ROOT / "hparams/phoneme.yaml").read_text()
+        hp = load_hyperpyyaml(text, {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "out"),
+                                     "output_neurons": 44, "seed": seed, "ctc_blank_prior": prior})
+        return hp["ctc_lin"], hp["blank_index"]
+
+    enc = torch.randn(4, 50, 256) * 0.1  # an untrained encoder's small outputs
+    (off, blank), (on, _) = head(0.0), head(0.8)
+    with torch.no_grad():
+        p_off = float(torch.softmax(off(enc), -1)[..., blank].mean())
+        p_on = float(torch.softmax(on(enc), -1)[..., blank].mean())
+    assert p_off < 0.1 and p_on == pytest.approx(0.8, abs=0.03), (p_off, p_on)
+    # only the blank bias moves; every other weight is the same random init
+    assert torch.equal(off.w.weight, on.w.weight)
+    diff = (on.w.bias - off.w.bias).nonzero().flatten().tolist()
+    assert diff == [blank] and float(on.w.bias[blank] - off.w.bias[blank]) == pytest.approx(math.log(43 * 4))
+    with pytest.raises(UserError, match="ctc_blank_prior=1.0"):
+        blank_prior(off, blank, 1.0)
