@@ -18,10 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Small and fast: trains in well under a minute on one CPU thread.
 # stop_align_shift_ms 0: the tests count epochs, so they train exactly number_of_epochs (the stop rule has its own
-# test in test_train.py); warmup_steps 0: a run of a few dozen steps trains at the full rate from the first
+# test in test_train.py); warmup_steps 0: a run of a few dozen steps trains at the full rate from the first;
+# ctc_blank_prior 0: the decode tests' thresholds were set on this model trained from the random init (the prior has
+# its own test, and ALIGNER below trains with it)
 TINY_MODEL = dict(conv_channels=96, rnn_neurons=96, rnn_layers=1, enc_dim=96, dec_neurons=96, attn_dim=64,
                   emb_size=32, dropout=0.0, test_beam_search=False, num_threads=1, stop_align_shift_ms=0,
-                  warmup_steps=0, ctc_blank_prior=0)  # the tests' own init and schedule (their thresholds rest on them)
+                  warmup_steps=0, ctc_blank_prior=0)
 # Overfit mode: the first OVERFIT_UTTS training rows, overfit_repeats (10) steps per epoch.
 OVERFIT_UTTS = 4
 OVERFIT = dict(overfit_one_batch=True, overfit_batch_size=OVERFIT_UTTS, overfit_epochs=15, lr=0.003,
