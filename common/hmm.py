@@ -34,6 +34,7 @@ from common.audio import length_buckets, sample_hours
 
 LOG2PI = math.log(2 * math.pi)
 VAR_FLOOR = 1e-3
+EXP_FLOOR = -80.0  # exp() arguments are clamped here: exp(-80) ~ 2e-35 is nothing beside 1, and far lower ones are slow
 
 
 FLAT_INITS = ("even", "vad", "auto")
@@ -146,26 +147,37 @@ class StateGMMs:
         self.logw = torch.zeros(n_states, 1)
         self.log_self = torch.full((n_states,), math.log(0.5))
 
+    def _weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every Gaussian's weighted log density as one linear map of [x^2, x] plus a constant ([M, S, 2D] and
+        [M, S]): computed once per model (cached on the parameter tensors, which ``reestimate`` replaces)."""
+        key = (self.mu, self.var, self.logw)
+        if getattr(self, "_key", None) is None or any(a is not b for a, b in zip(self._key, key)):
+            ivar, const = gaussian_terms(self.mu, self.var, self.logw)  # [S, M, D], [S, M]
+            w = torch.cat([-0.5 * ivar, self.mu * ivar], -1).transpose(0, 1).contiguous()  # [M, S, 2D]
+            self._key, self._cached = key, (w, const.t().contiguous())
+        return self._cached
+
     def loglik(self, x: torch.Tensor, states: torch.Tensor, mixture: str = "sum") -> torch.Tensor:
         """x [T, D], state ids [S] -> log p(x_t | state) [S, T]: the log-sum over each state's mixture, or with
         ``mixture="max"`` its best Gaussian's weighted log density (the Viterbi approximation of the mixture).
         A state that recurs in ``states`` (a phone said twice) is scored once."""
         states, inverse = torch.unique(states, return_inverse=True)
-        mu, var, logw = self.mu[states], self.var[states], self.logw[states]  # [S, M, D], [S, M]
-        S, M, D = mu.shape
-        ivar, const = gaussian_terms(mu, var, logw)  # [S, M, D], [S, M]
-        # Gaussian-major columns ([M, S]): the mixture reduction below runs over M whole [T, S] slices (vectorised)
-        # rather than over a last axis of M (1..8) values, ~2x faster than torch.logsumexp on these shapes
-        z = torch.addmm(const.t().reshape(1, M * S), x * x, ivar.transpose(0, 1).reshape(M * S, D).t(), alpha=-0.5)
-        z = z.add_(x @ (mu * ivar).transpose(0, 1).reshape(M * S, D).t()).view(-1, M, S)  # [T, M, S]
+        w, const = self._weights()
+        M, S = w.shape[0], len(states)
+        # one matmul: the states' Gaussians (Gaussian-major rows, [M, S]) by [x^2, x]; the mixture reduction
+        # below then runs over M whole [S, T] slices (vectorised) rather than over a last axis of M (1..8) values
+        z = torch.addmm(const[:, states].reshape(M * S, 1), w.index_select(1, states).reshape(M * S, -1),
+                        torch.cat([x * x, x], 1).t()).view(M, S, -1)  # [M, S, T]
         if M == 1:
-            best = z[:, 0]
+            best = z[0]
         elif mixture == "max":
-            best = z.amax(1)
+            best = z.amax(0)
         else:  # log-sum-exp over the mixture, shifted by each state's best Gaussian
-            best = z.amax(1)
-            best = (z - best[:, None]).exp_().sum(1).log_().add_(best)
-        return best.t()[inverse]
+            best = z.amax(0)
+            # a Gaussian more than 80 nats below the best adds nothing to a sum >= 1 in float32, and exp() of far
+            # negative arguments takes a path ~10x slower: clamped, the sum is the same, in a tenth of the time
+            best = z.sub_(best).clamp_min_(EXP_FLOOR).exp_().sum(0).log_().add_(best)
+        return best[inverse]
 
     def reestimate(self, x_all: torch.Tensor, labels: np.ndarray, n_mix: int, em_iters: int) -> None:
         """Fit each state's GMM to its frames (rows of ``x_all`` whose label is the state), splitting its heaviest
@@ -228,7 +240,11 @@ class StateGMMs:
                 ivar, const = gaussian_terms(g_mu, g_var, g_logw)
                 z = const[:, None, :] - 0.5 * (torch.bmm(X2, ivar.transpose(1, 2))
                                                - 2.0 * torch.bmm(X, (g_mu * ivar).transpose(1, 2)))
-                r = torch.softmax(z.masked_fill(~g_used[:, None, :], -torch.inf), -1) * real
+                # the softmax over the used Gaussians, by hand: torch.softmax over a last axis of 1..8 is slow,
+                # and so is exp() far below 0 (clamped as in loglik: the same responsibilities)
+                r = (z - z.masked_fill(~g_used[:, None, :], -torch.inf).amax(-1, keepdim=True)).clamp_min_(EXP_FLOOR)
+                r = r.exp_().mul_(g_used[:, None, :])
+                r = r.div_(r.sum(-1, keepdim=True)).mul_(real)
                 n = (r.sum(1) + 1e-6) * g_used  # [G, Mx]; 0 for the unused slots
                 nn = n.clamp(min=1e-30)[:, :, None]
                 g_mu = torch.bmm(r.transpose(1, 2), X) / nn
