@@ -135,6 +135,7 @@ class ExportOptions:
     hmm_variants: list
     hmm_rounds: int
     hmm_flat_single: bool
+    hmm_concurrent: bool
     hmm_mixture_score: str
     hmm_posterior_scale: float
     hmm_posterior_point: str
@@ -758,7 +759,8 @@ def _refine(passed: list[Alignment], vocab, device: str, opts: ExportOptions, la
         [SIL if k == BLANK_ID else t for k, t in enumerate(vocab.tokens)],  # class 0: the edge silence slots
         opts.hmm_init, opts.fusion_gate_ms / 1000.0, opts.hmm_flat_single,
         ClosureSnap(opts.closure_snap, *map(float, opts.closure_window_ms), opts.closure_offset_ms),
-        opts.fusion_precision, dataclasses.replace(opts.boundary_detector, precision=cfg.precision))
+        opts.fusion_precision, dataclasses.replace(opts.boundary_detector, precision=cfg.precision),
+        opts.hmm_concurrent)
     fits = stats.pop("row_fit", None) or [None] * len(passed)
     if opts.final_cap > 0:
         stats["final_capped"] = cap_final_phone([a.units for a in passed], ends, opts.final_cap, SILENCE_TOKENS)

@@ -172,6 +172,18 @@ def _numba_kernel():
     return numba, K.batch_parallel, K.batch_serial, K.serial_fused
 
 
+def set_threads(n: int, numba_n: int | None = None) -> tuple[int, int | None]:
+    """Set the calling thread's CPU thread count for torch's ops (``n``) and for the numba kernels (``numba_n``,
+    default ``n``; both are kept per thread: OpenMP's setting and numba's thread mask). Returns the previous
+    counts, to restore them with ``set_threads(*previous)``."""
+    loaded = _numba_kernel() if _numba_available() else None
+    before = (torch.get_num_threads(), loaded[0].get_num_threads() if loaded is not None else None)
+    torch.set_num_threads(n)
+    if loaded is not None:
+        loaded[0].set_num_threads(max(1, min(numba_n or n, loaded[0].config.NUMBA_NUM_THREADS)))
+    return before
+
+
 def _numba_fill():
     from common.mas_numba import fill
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import threading
 import time
 from dataclasses import dataclass
 
@@ -45,7 +46,7 @@ from torch import nn
 
 from common import frames as F
 from common.ddp import SINGLE, Shard
-from common.mas import LOG_FLOOR, mas_frames
+from common.mas import LOG_FLOOR, mas_frames, set_threads
 from common.audio import length_buckets, sample_hours
 
 IGNORE = -100
@@ -255,10 +256,22 @@ def realign(model: FrameClassifier, feats: list[torch.Tensor], unit_ids: list[li
     return [done[i][0] for i in range(len(feats))], [done[i][1] for i in range(len(feats))]
 
 
+def classifier_features(load_wav, n_utts: int, cfg: RefineConfig) -> tuple[list[torch.Tensor], list[float]]:
+    """Every utterance's classifier features (fp16, [T, n_mels]) and duration (s): its audio is read here."""
+    fx = Features(cfg.sample_rate, cfg.hop_ms, win_ms=cfg.win_ms)
+    feats, durations = [], []
+    for i in range(n_utts):
+        w = load_wav(i)
+        feats.append(fx(w).half())
+        durations.append(len(w) / cfg.sample_rate)
+    return feats, durations
+
+
 def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[np.ndarray], n_tokens: int,
            cfg: RefineConfig, device: str = "cpu", log=None, fixed_ends_s: dict[int, np.ndarray] | None = None,
            timing: dict | None = None, shard: Shard = SINGLE, class_names: list[str] | None = None,
-           features_out: list | None = None) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
+           features_out: list | None = None, features: tuple | None = None
+           ) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
     """The whole loop. ``load_wav(i)`` gives utterance ``i``'s waveform at ``cfg.sample_rate`` (read once; only its
     features are kept, in fp16: ~1.2 GB per 10 hours); ``first_ends_s[i]`` the end time (s) of each of its
     ``unit_ids[i]`` (class ids < ``n_tokens``). ``fixed_ends_s[i]``: hand-checked unit end times of utterance
@@ -266,18 +279,15 @@ def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[
     learns where the labeller puts boundaries). ``class_names[k]``: the token of class ``k``, for
     ``cfg.phone_features`` (``common.phonology``). Returns (per-unit frame counts at ``cfg.hop_ms``, per-unit
     confidence = mean classifier posterior over its frames, stats); wall-clock seconds go to ``timing``.
-    ``features_out``: a list that receives every utterance's features (for ``common.boundary_detector``)."""
+    ``features_out``: a list that receives every utterance's features (for ``common.boundary_detector``);
+    ``features``: ``classifier_features``' result when the caller read the audio already."""
     if cfg.precision not in REFINE_PRECISIONS:
         raise ValueError(f"precision must be {' or '.join(REFINE_PRECISIONS)}, got {cfg.precision!r}")
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     deadline = t0 + 60 * cfg.max_minutes if cfg.max_minutes > 0 else None
     fx = Features(cfg.sample_rate, cfg.hop_ms, win_ms=cfg.win_ms)
-    feats, durations = [], []
-    for i in range(n_utts):
-        w = load_wav(i)
-        feats.append(fx(w).half())
-        durations.append(len(w) / cfg.sample_rate)
+    feats, durations = classifier_features(load_wav, n_utts, cfg) if features is None else features
     if features_out is not None:
         features_out.extend(feats)
     train_idx, acc = sample_hours(list(range(n_utts)), durations, cfg.max_train_hours, cfg.seed)
@@ -295,7 +305,7 @@ def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[
                             unit_feats).to(device)
     ends = [fixed.get(i, np.asarray(e, dtype=np.float64)) for i, e in enumerate(first_ends_s)]
     stats = {"rounds": [], "train_utts": len(train_idx), "train_audio_s": round(acc, 1), "fixed_utts": len(fixed)}
-    if timing is not None:
+    if timing is not None and features is None:
         timing["refine_features_s"] = round(time.time() - t0, 2)
     counts: list[np.ndarray] = []
     confs: list[np.ndarray] = []
@@ -398,6 +408,28 @@ def cap_final_phone(units: list[list[str]], ends: list[np.ndarray], k: float, si
     return changed
 
 
+def _hmm_units(unit_ids: list[list[int]], n_tokens: int, hmm, class_names: list[str] | None):
+    """The HMM-GMMs' unit ids (``hmm.tie_min_count``: rare units tied to a frequent similar one) and config (the
+    context class of every unit when a variant is context-dependent), and stats."""
+    hmm_ids, stats = unit_ids, {}
+    if hmm.tie_min_count > 0:  # rare units share the GMMs of a frequent unit with similar features
+        if class_names is None:
+            raise ValueError("tie_min_count needs the token name of every class (class_names)")
+        from common.phonology import tie_units
+
+        occ = np.bincount(np.concatenate([np.asarray(u, dtype=np.int64) for u in unit_ids]), minlength=n_tokens)
+        tied = tie_units(class_names, occ, hmm.tie_min_count)
+        hmm_ids = [tied[np.asarray(u, dtype=np.int64)].tolist() for u in unit_ids]
+        stats["hmm_tied_units"] = int((tied != np.arange(n_tokens)).sum())
+    if any(c.context_min_count > 0 for c in hmm.variant_configs()) and not hmm.unit_classes:
+        if class_names is None:
+            raise ValueError("context_min_count needs the token name of every class (class_names)")
+        from common.phonology import context_class
+
+        hmm = dataclasses.replace(hmm, unit_classes=tuple(context_class(t) for t in class_names))
+    return hmm_ids, hmm, stats
+
+
 def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]], first_ends_s: list[np.ndarray],
                       n_tokens: int, cfg: RefineConfig, hmm=None, hmm_weight: float = 0.0,
                       flat_start_schedule=None, device: str = "cpu", log=None,
@@ -405,7 +437,8 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
                       shard: Shard = SINGLE, fusion: str = "mean", first_pass_weight: float = 0.0,
                       class_names: list[str] | None = None, hmm_init: str = "classifier", gate_s: float = 0.04,
                       flat_single: bool = False, closure=None, fusion_precision: bool = False,
-                      detector=None) -> tuple[list[np.ndarray], float, list[np.ndarray], dict, dict[str, list]]:
+                      detector=None, concurrent: bool = True
+                      ) -> tuple[list[np.ndarray], float, list[np.ndarray], dict, dict[str, list]]:
     """Refine every utterance's first-pass boundaries: ``refine`` (the frame classifier; skipped when
     ``cfg.rounds`` is 0: the HMM-GMMs then start from the first pass); then, when ``hmm_weight`` > 0, two HMM-GMM
     alignments (``common.hmm``, config ``hmm``; each an ensemble of ``hmm.variants`` over ``hmm.rounds``,
@@ -456,51 +489,96 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
         return w
 
     named = {"first_pass": list(first_ends_s)}
-    if cfg.rounds > 0:
-        counts, confs, stats = refine(load, len(durations), unit_ids, first_ends_s, n_tokens, cfg, device, log,
-                                      fixed_ends_s, timing, shard, class_names, det_feats if use_det else None)
-        hop_s = cfg.hop_ms / 1000.0
-        ends = [F.frame_ends_seconds(c, hop_s, t) for c, t in zip(counts, durations)]
-        named["classifier"] = ends
-        if not use_hmm:
-            return ends, hop_s, confs, stats, named
-        weight = 1.0 - hmm_weight
-    else:  # no classifier: the HMM-GMMs start from the first pass
-        t = time.time()
-        for i in range(len(durations)):
-            load(i)
-        timing["hmm_features_s"] = round(time.time() - t, 2)
-        ends, confs, stats, weight = list(first_ends_s), [None] * len(durations), {}, 0.0
-    stats["hmm"] = {}
-    hmm_ids = unit_ids
-    if hmm.tie_min_count > 0:  # rare units share the GMMs of a frequent unit with similar features
-        if class_names is None:
-            raise ValueError("tie_min_count needs the token name of every class (class_names)")
-        from common.phonology import tie_units
-
-        occ = np.bincount(np.concatenate([np.asarray(u, dtype=np.int64) for u in unit_ids]), minlength=n_tokens)
-        tied = tie_units(class_names, occ, hmm.tie_min_count)
-        hmm_ids = [tied[np.asarray(u, dtype=np.int64)].tolist() for u in unit_ids]
-        stats["hmm_tied_units"] = int((tied != np.arange(n_tokens)).sum())
-    if any(c.context_min_count > 0 for c in hmm.variant_configs()) and not hmm.unit_classes:
-        if class_names is None:
-            raise ValueError("context_min_count needs the token name of every class (class_names)")
-        from common.phonology import context_class
-
-        hmm = dataclasses.replace(hmm, unit_classes=tuple(context_class(t) for t in class_names))
-    if hmm_init not in HMM_INITS:
+    if use_hmm and hmm_init not in HMM_INITS:
         raise ValueError(f"hmm_init must be one of {HMM_INITS}, got {hmm_init!r}")
-    start = ("from_classifier", ends) if hmm_init == "classifier" and cfg.rounds > 0 else \
-        ("from_first_pass", list(first_ends_s))
-    members = [(weight, ends), (first_pass_weight, list(first_ends_s))]
-    schedules = (start + (tuple(hmm.schedule),),
-                 ("flat_start", None, tuple(flat_start_schedule or FLAT_START_SCHEDULE)))
-    fits, hmm_members, precisions = [], [], []
-    for name, init, sched in schedules:
+    flat = ("flat_start", None, tuple(flat_start_schedule or FLAT_START_SCHEDULE))
+    from_first = ("from_first_pass", list(first_ends_s), tuple(hmm.schedule) if use_hmm else ())
+    units_lock, units_box = threading.Lock(), []
+
+    def hmm_units():
+        """``_hmm_units``, worked out once by whichever job needs it first (the tying reads PanPhon's table: ~2 s
+        that run beside the classifier)."""
+        with units_lock:
+            if not units_box:
+                units_box.append(_hmm_units(unit_ids, n_tokens, hmm, class_names))
+        return units_box[0]
+
+    def ensemble(name: str, init, sched, n_threads: int = 0):
+        if n_threads:  # a worker thread's own thread counts
+            set_threads(n_threads)
         t = {}
-        ens = hmm_ensemble(bank, durations, hmm_ids, init, n_tokens, dataclasses.replace(hmm, schedule=sched),
-                           hmm.schedule, log, t, shard)
-        stats["hmm"][name], timing[f"hmm_{name}_s"] = ens.stats, t.get("seconds")
+        hmm_ids, cfg_u, _ = hmm_units()
+        ens = hmm_ensemble(bank, durations, hmm_ids, init, n_tokens, dataclasses.replace(cfg_u, schedule=sched),
+                           cfg_u.schedule, log, t, shard)
+        return name, ens, t.get("seconds")
+
+    # the HMM-GMMs that do not start from the classifier train while it trains, and beside each other (threads of
+    # one process: torch's and numba's kernels release the GIL); under torchrun every collective must run in the
+    # same order on every rank, so there they run one after the other
+    together = concurrent and use_hmm and shard.world == 1
+    pending, pool, threads, previous = [], None, torch.get_num_threads(), []
+
+    def start(jobs: list, main_busy: bool):
+        """Run ``jobs`` in worker threads. The cores are shared out once, the same way on every run (torch's
+        results depend on its thread count, so a share that followed the jobs' progress would not repeat): with
+        the classifier on the CPU it keeps half (it scales with threads, the HMM-GMMs' small ops hardly do), and
+        the HMM-GMMs run one after the other in one worker on fewer than 4 cores, each in its own above."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        nonlocal pool, pending
+        main = max(1, threads // 2) if main_busy else 0
+        workers = len(jobs) if threads - main >= 2 * len(jobs) or not main_busy else 1
+        pool = ThreadPoolExecutor(workers)
+        if main_busy:
+            previous[:] = set_threads(main)
+        pending = [pool.submit(ensemble, *job, max(1, (threads - main) // workers)) for job in jobs]
+        timing["hmm_workers"] = workers
+
+    try:
+        if cfg.rounds > 0:
+            feats_c = None
+            if together:
+                t = time.time()
+                feats_c = classifier_features(load, len(durations), cfg)
+                timing["refine_features_s"] = round(time.time() - t, 2)
+                start([flat] + ([from_first] if hmm_init == "first_pass" else []), device == "cpu")
+            counts, confs, stats = refine(load, len(durations), unit_ids, first_ends_s, n_tokens, cfg, device, log,
+                                          fixed_ends_s, timing, shard, class_names,
+                                          det_feats if use_det else None, feats_c)
+            hop_s = cfg.hop_ms / 1000.0
+            ends = [F.frame_ends_seconds(c, hop_s, t) for c, t in zip(counts, durations)]
+            named["classifier"] = ends
+            if not use_hmm:
+                return ends, hop_s, confs, stats, named
+            weight = 1.0 - hmm_weight
+        else:  # no classifier: the HMM-GMMs start from the first pass
+            t = time.time()
+            for i in range(len(durations)):
+                load(i)
+            timing["hmm_features_s"] = round(time.time() - t, 2)
+            ends, confs, stats, weight = list(first_ends_s), [None] * len(durations), {}, 0.0
+            if together:
+                start([flat, from_first], False)
+    except BaseException:
+        if pool is not None:  # the jobs not yet started are dropped (the running ones finish first)
+            pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+            if previous:
+                set_threads(*previous)
+    stats.update(hmm_units()[2])
+    stats["hmm"] = {}
+    init_job = ("from_classifier", ends, tuple(hmm.schedule)) if hmm_init == "classifier" and cfg.rounds > 0 \
+        else from_first
+    done = {name: (ens, sec) for name, ens, sec in (f.result() for f in pending)}
+    members = [(weight, ends), (first_pass_weight, list(first_ends_s))]
+    fits, hmm_members, precisions = [], [], []
+    for job in (init_job, flat):
+        name = job[0]
+        ens, sec = done[name] if name in done else ensemble(*job)[1:]
+        stats["hmm"][name], timing[f"hmm_{name}_s"] = ens.stats, sec
         fits.append(ens.row_fit)
         hmm_members.append((f"hmm_{name}", ens.ends))
         precisions.append(ens.precision)

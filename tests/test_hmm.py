@@ -297,6 +297,47 @@ def test_ensemble_and_flat_start_pull_a_late_first_pass_back_to_the_sound_change
                           RefineConfig(rounds=0, sample_rate=TONE_SR), post, 1.0, detector=DetectorConfig())
 
 
+def test_hmm_gmms_train_beside_the_classifier_with_the_results_of_one_after_the_other():
+    """hmm_concurrent: the HMM-GMMs that do not start from the classifier train in worker threads while it
+    trains. On one thread per job (as here, and as every job gets on 2 cores) every member is exactly what the
+    jobs give one after the other; the thread counts come back; a job's error reaches the caller."""
+    from common.refine import RefineConfig, refine_boundaries
+    from tests.utils import tone_words
+
+    wavs, units, true_ends = tone_words(24, seed=5)
+    durs = [len(w) / TONE_SR for w in wavs]
+    late = [np.r_[e[:-1] + 0.02, e[-1]] for e in true_ends]
+    cfg = HMMConfig(sample_rate=TONE_SR, silence_ids=(0,), variants=({"win_ms": 25.0}, {"win_ms": 15.0}),
+                    rounds=2, posterior_scale=0.1, ensemble_weights="precision")
+    ref = RefineConfig(rounds=2, epochs=2, epochs_later=1, channels=16, sample_rate=TONE_SR)
+
+    def run(concurrent: bool, hmm=cfg):
+        timing: dict = {}
+        out = refine_boundaries(lambda i: wavs[i], durs, units, late, len(TONE_FREQS) + 1, ref, hmm, 0.5,
+                                [1, 2], hmm_init="first_pass", flat_single=True, fusion_precision=True,
+                                timing=timing, concurrent=concurrent)
+        return out, timing
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        (ends_a, _, _, _, named_a), timing_a = run(False)
+        (ends_b, _, _, _, named_b), timing_b = run(True)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert "hmm_workers" not in timing_a and timing_b["hmm_workers"] == 1
+    assert timing_b["hmm_flat_start_s"] > 0 and timing_b["hmm_from_first_pass_s"] > 0
+    assert set(named_a) == set(named_b) >= {"classifier", "hmm_from_first_pass", "hmm_flat_start", "first_pass"}
+    for name in named_a:
+        assert all(np.array_equal(a, b) for a, b in zip(named_a[name], named_b[name])), name
+    assert all(np.array_equal(a, b) for a, b in zip(ends_a, ends_b))
+    assert not all(np.allclose(a, b) for a, b in zip(named_b["hmm_flat_start"], late))  # they did align
+    with pytest.raises(ValueError, match="ensemble_weights must be one of"):  # raised in a worker thread
+        run(True, dataclasses.replace(cfg, ensemble_weights="median"))
+    assert torch.get_num_threads() == before
+
+
 def test_boundary_posterior_means_match_enumeration_and_tend_to_the_viterbi_path():
     import itertools
 
