@@ -423,7 +423,22 @@ def maximum_path(value: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype = t
 
 
 def mas_frames(scores: list[torch.Tensor], frame_lens: list[int]) -> list[np.ndarray]:
-    """Batch MAS: per-utterance [U_b, T_b] scores -> per-row frame counts (int64 arrays, sum = T_b)."""
+    """Batch MAS: per-utterance [U_b, T_b] scores -> per-row frame counts (int64 arrays, sum = T_b). On the CPU
+    with numba, the rows go to the kernel as they are (no padded [B, U, T] scores, mask and path: those cost
+    several times the DP), on the calling thread; elsewhere through ``maximum_path``."""
+    if scores and all(s.device.type == "cpu" for s in scores) and _numba_available():
+        from common.mas_numba import frame_counts
+
+        rows = [s.detach()[:, :t].to(torch.float32).contiguous().numpy().ravel() for s, t in zip(scores, frame_lens)]
+        t_x = np.asarray([s.shape[0] for s in scores], dtype=np.int64)
+        t_y = np.asarray([min(t, s.shape[1]) for s, t in zip(scores, frame_lens)], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum([r.size for r in rows])]).astype(np.int64)
+        c_off = np.concatenate([[0], np.cumsum(t_x)]).astype(np.int64)
+        counts = np.empty(int(c_off[-1]), dtype=np.int64)
+        work = np.empty(max(1, int((t_x * t_y).max())), dtype=np.float32)
+        flat = np.concatenate(rows) if rows else np.empty(0, dtype=np.float32)
+        frame_counts(flat, offsets, t_x, t_y, np.float32(NEG), counts, c_off, work)
+        return [counts[c_off[b]:c_off[b + 1]].copy() for b in range(len(scores))]
     B = len(scores)
     U = max(s.shape[0] for s in scores)
     T = max(frame_lens)

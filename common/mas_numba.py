@@ -80,6 +80,24 @@ def batch_parallel(values, t_x, t_y, order, neg, out, work):
 
 
 @njit(cache=True, nogil=True)
+def frame_counts(flat, offsets, t_x, t_y, neg, counts, count_offsets, work):
+    """MAS of ragged items without padding: item b's scores are flat[offsets[b]:][:t_x[b] * t_y[b]] viewed as
+    [t_x[b], t_y[b]] (tokens x frames); writes its frames per token into counts[count_offsets[b]:][:t_x[b]]
+    (zeros first). work: scratch of >= max(t_x * t_y) values of flat's dtype, out: the token of each frame."""
+    out = np.empty(max(1, t_y.max()), dtype=np.int32)
+    for b in range(t_x.shape[0]):
+        tx = t_x[b]
+        ty = t_y[b]
+        c = counts[count_offsets[b]:count_offsets[b] + tx]
+        c[:] = 0
+        if tx <= 0 or ty <= 0:
+            continue
+        one_item(flat[offsets[b]:offsets[b] + tx * ty].reshape((tx, ty)), tx, ty, neg, out, work)
+        for y in range(ty):
+            c[out[y]] += 1
+
+
+@njit(cache=True, nogil=True)
 def batch_serial(values, t_x, t_y, order, neg, out, work):
     """``batch_parallel`` on the calling thread (work: one row)."""
     for i in range(order.shape[0]):
@@ -125,7 +143,7 @@ def fill(path, idx, t_x, t_y):
 def _log_add(x, y):
     if x < y:
         x, y = y, x
-    if y == -np.inf:
+    if y == -np.inf or y - x < -40.0:  # log1p(exp(-40)) ~ 4e-18: below half an ulp of the scores (exp() is slow)
         return x
     return x + np.log1p(np.exp(y - x))
 
@@ -160,7 +178,7 @@ def boundary_posterior_means(v, out, med, var):
         den = 0.0
         num = 0.0
         for t in range(1, T):
-            w[t] = np.exp(w[t] - m)
+            w[t] = np.exp(w[t] - m) if w[t] - m > -80.0 else 0.0  # below: nothing beside the peak's 1
             den += w[t]
             num += w[t] * t
         out[s] = num / den

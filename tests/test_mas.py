@@ -283,3 +283,27 @@ def test_numba_large_items_copy_branch_matches_reference(values, dtype):
     got = maximum_path(value, mask, backend="numba")
     assert torch.equal(got, maximum_path_reference(value, mask))
     assert torch.equal(maximum_path(value[:1], mask[:1], backend="numba"), got[:1])  # the one-item route too
+
+
+@pytest.mark.parametrize("values", ["randn", "coarse", "logp"])
+def test_mas_frames_ragged_rows_equal_the_padded_reference(values):
+    """mas_frames on the CPU hands ragged rows to the numba kernel unpadded: every row's frame counts equal the
+    reference path's over the padded batch, including rows given more frames than they use, rows with more
+    tokens than frames (no valid path) and one row big enough for the kernel's copying branch."""
+    if "numba" not in CPU_BACKENDS:
+        pytest.skip("numba not installed")
+    from common.mas import mas_frames
+
+    value, mask, tx, ty = make_batch(12, 40, 300, seed=21, values=values)
+    scores = [value[b, : int(tx[b])].clone() for b in range(12)]  # [U_b, 300]: frames past ty[b] are padding
+    lens = [int(t) for t in ty]
+    scores.append(torch.randn(7, 5))  # 7 tokens, 5 frames
+    lens.append(5)
+    scores.append(torch.randn(300, 1500))  # > DIRECT_CELLS
+    lens.append(1500)
+    got = mas_frames(scores, lens)
+    for s, t, c in zip(scores, lens, got):
+        v = torch.zeros(1, s.shape[0], t)
+        v[0] = s[:, :t]
+        ref = maximum_path_reference(v, torch.ones_like(v))[0].sum(-1).long().numpy()
+        assert c.dtype == np.int64 and c.sum() == t and np.array_equal(c, ref)
