@@ -460,7 +460,9 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
     classifier's per-unit confidence (None without it); stats, with the HMM-GMMs' per-row fit gap ``row_fit``; each
     member's end times by name). Wall-clock seconds
     per stage go to ``timing``. Under ``shard`` (a torchrun export) the classifier and the HMM-GMMs are trained by
-    rank 0 and shared, and each process aligns its share of the batches."""
+    rank 0 and shared, and each process aligns its share of the batches. ``concurrent`` (one process only): the
+    HMM-GMMs that do not start from the classifier train in worker threads while it trains (the same results as
+    one after the other on the same thread counts; ``start`` below shares out the cores)."""
     from common.hmm import FLAT_START_SCHEDULE, FeatureBank, hmm_ensemble
     from common.landmarks import energy_envelope, snap_closures
 
@@ -512,9 +514,9 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
                            cfg_u.schedule, log, t, shard)
         return name, ens, t.get("seconds")
 
-    # the HMM-GMMs that do not start from the classifier train while it trains, and beside each other (threads of
-    # one process: torch's and numba's kernels release the GIL); under torchrun every collective must run in the
-    # same order on every rank, so there they run one after the other
+    # the HMM-GMMs that do not start from the classifier train while it trains (worker threads of one process:
+    # torch's and numba's kernels release the GIL); under torchrun every collective must run in the same order on
+    # every rank, so there they run one after the other
     together = concurrent and use_hmm and shard.world == 1
     pending, pool, threads, previous = [], None, torch.get_num_threads(), []
 
