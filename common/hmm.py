@@ -146,12 +146,13 @@ class StateGMMs:
         self.var = torch.ones(n_states, 1, dim)
         self.logw = torch.zeros(n_states, 1)
         self.log_self = torch.full((n_states,), math.log(0.5))
+        self._key, self._cached = None, None  # _weights(): the parameters it was computed from, and its result
 
     def _weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every Gaussian's weighted log density as one linear map of [x^2, x] plus a constant ([M, S, 2D] and
         [M, S]): computed once per model (cached on the parameter tensors, which ``reestimate`` replaces)."""
         key = (self.mu, self.var, self.logw)
-        if getattr(self, "_key", None) is None or any(a is not b for a, b in zip(self._key, key)):
+        if self._key is None or any(a is not b for a, b in zip(self._key, key)):
             ivar, const = gaussian_terms(self.mu, self.var, self.logw)  # [S, M, D], [S, M]
             w = torch.cat([-0.5 * ivar, self.mu * ivar], -1).transpose(0, 1).contiguous()  # [M, S, 2D]
             self._key, self._cached = key, (w, const.t().contiguous())

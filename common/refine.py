@@ -518,7 +518,7 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
     # torch's and numba's kernels release the GIL); under torchrun every collective must run in the same order on
     # every rank, so there they run one after the other
     together = concurrent and use_hmm and shard.world == 1
-    pending, pool, threads, previous = [], None, torch.get_num_threads(), []
+    pending, pool, threads, previous = [], None, torch.get_num_threads(), None
 
     def start(jobs: list, main_busy: bool):
         """Run ``jobs`` in worker threads. The cores are shared out once, the same way on every run (torch's
@@ -527,12 +527,12 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
         the HMM-GMMs run one after the other in one worker on fewer than 4 cores, each in its own above."""
         from concurrent.futures import ThreadPoolExecutor
 
-        nonlocal pool, pending
+        nonlocal pool, pending, previous
         main = max(1, threads // 2) if main_busy else 0
         workers = len(jobs) if threads - main >= 2 * len(jobs) or not main_busy else 1
         pool = ThreadPoolExecutor(workers)
         if main_busy:
-            previous[:] = set_threads(main)
+            previous = set_threads(main)
         pending = [pool.submit(ensemble, *job, max(1, (threads - main) // workers)) for job in jobs]
         timing["hmm_workers"] = workers
 
@@ -568,7 +568,7 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
-            if previous:
+            if previous is not None:
                 set_threads(*previous)
     stats.update(hmm_units()[2])
     stats["hmm"] = {}
