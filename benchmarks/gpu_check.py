@@ -9,10 +9,12 @@ Prints one table, one row per check (``ok`` / ``FAIL`` / ``skipped: why``, with 
    against super-monotonic-align when it is installed (target: within 1.2x of it);
 2. AMP: training steps of the recipe's model (hparams/phoneme.yaml, random audio and tokens) in fp32, bf16 and
    fp16 autocast (fp16 with a grad scaler): finite losses, seconds per step;
-3. export throughput: ``--model_dir`` + ``--corpus`` (a trained run and a corpus, carried to the machine) exported on
+3. decoder: common/decoder.py's hand-written backward pass against SpeechBrain's decoder on the device (outputs and
+   every gradient within 1e-4 of the largest), and one training step of each timed;
+4. export throughput: ``--model_dir`` + ``--corpus`` (a trained run and a corpus, carried to the machine) exported on
    the device, first pass alone and the default (target: >= 5000x real time on an H100-class GPU for the first
    pass);
-4. DDP: ``torchrun --nproc_per_node 1`` export of the same corpus with nccl (the multi-process path on one GPU).
+5. DDP: ``torchrun --nproc_per_node 1`` export of the same corpus with nccl (the multi-process path on one GPU).
 
 ``--device cpu`` runs the same code on the CPU (the CUDA-only rows are skipped): a dry run for this machine.
 """
@@ -121,6 +123,38 @@ def check_amp(device: str, steps: int = 5) -> dict:
     return {"status": "ok" if ok else "FAIL: a non-finite loss", **out}
 
 
+def check_decoder(device: str) -> dict:
+    """common/decoder.py's hand-written backward pass against SpeechBrain's decoder on ``device`` (fp32): outputs
+    and every gradient, and the time of one training step of each at the recipe's sizes."""
+    from speechbrain.nnet.RNN import AttentionalRNNDecoder as SBDecoder
+
+    from common.decoder import AttentionalRNNDecoder
+
+    kw = dict(enc_dim=256, input_size=64, rnn_type="gru", attn_type="location", hidden_size=128, attn_dim=64,
+              num_layers=1, channels=10, kernel_size=51, re_init=True, dropout=0.0)
+    torch.manual_seed(0)
+    ref = SBDecoder(**kw).to(device)
+    fast = AttentionalRNNDecoder(**kw).to(device)
+    fast.load_state_dict(ref.state_dict())
+    B, U, T = 16, 60, 600
+    emb, enc = torch.randn(B, U, 64, device=device), torch.randn(B, T, 256, device=device)
+    lens = torch.linspace(0.5, 1.0, B, device=device)
+    g_out, g_attn = torch.randn(B, U, 128, device=device), torch.randn(B, U, T, device=device)
+
+    def run(m):
+        e, x = emb.clone().requires_grad_(True), enc.clone().requires_grad_(True)
+        m.zero_grad(set_to_none=True)
+        out, attn = m(e, x, lens)
+        ((out * g_out).sum() + (attn * g_attn).sum()).backward()
+        return [out, attn, e.grad, x.grad] + [p.grad for p in m.parameters()]
+
+    gap = max(float(((a - b).abs().max() / (b.abs().max() + 1e-12)).item()) for a, b in zip(run(fast), run(ref)))
+    row = {"max_relative_gap": float(f"{gap:.2e}"), "batch": [B, U, T],
+           "speechbrain_ms": round(1000 * _timed(lambda: run(ref), repeat=3), 2),
+           "fast_ms": round(1000 * _timed(lambda: run(fast), repeat=3), 2)}
+    return {"status": "ok" if gap < 1e-4 else f"FAIL: gradients differ by {gap:.1e}", **row}
+
+
 def _export(cmd_prefix: list, corpus: Path, model: Path, device: str, *extra) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "corpus"
@@ -143,7 +177,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     a = ap.parse_args()
     gpu = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "none"
-    res = {"torch": torch.__version__, "gpu": gpu, "mas": check_mas(a.device), "amp": check_amp(a.device)}
+    res = {"torch": torch.__version__, "gpu": gpu, "mas": check_mas(a.device), "amp": check_amp(a.device),
+           "decoder": check_decoder(a.device)}
     if a.model_dir and a.corpus:
         py = [sys.executable]
         res["export_first_pass"] = _export(py, a.corpus, a.model_dir, a.device, "--no_refine", "--scores", "ctc",

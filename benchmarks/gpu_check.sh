@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks for a lent GPU machine, one prepared run (<= 8 minutes): CUDA MAS exact against the CPU kernel,
-# AMP bf16/fp16 training steps, export throughput on CUDA, the torchrun export on one GPU; one table at the end.
+# AMP bf16/fp16 training steps, the attention decoder's backward pass against SpeechBrain's, export throughput on CUDA,
+# the torchrun export on one GPU; one table at the end.
 #
 # Prepare here (CPU), once:   bash benchmarks/gpu_check.sh --prepare      (writes gpu_check_pack/, git-ignored:
 #   the Python wheels the GPU image lacks, a tiny trained run and its corpus)
