@@ -148,7 +148,14 @@ def check_decoder(device: str) -> dict:
         ((out * g_out).sum() + (attn * g_attn).sum()).backward()
         return [out, attn, e.grad, x.grad] + [p.grad for p in m.parameters()]
 
-    gap = max(float(((a - b).abs().max() / (b.abs().max() + 1e-12)).item()) for a, b in zip(run(fast), run(ref)))
+    # exact fp32 products on both sides (SpeechBrain's import turns TF32 on for CUDA matmuls: ~1e-3 apart)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        gap = max(float(((a - b).abs().max() / (b.abs().max() + 1e-12)).item())
+                  for a, b in zip(run(fast), run(ref)))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     row = {"max_relative_gap": float(f"{gap:.2e}"), "batch": [B, U, T],
            "speechbrain_ms": round(1000 * _timed(lambda: run(ref), repeat=3), 2),
            "fast_ms": round(1000 * _timed(lambda: run(fast), repeat=3), 2)}
