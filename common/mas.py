@@ -436,7 +436,7 @@ def mas_frames(scores: list[torch.Tensor], frame_lens: list[int]) -> list[np.nda
         c_off = np.concatenate([[0], np.cumsum(t_x)]).astype(np.int64)
         counts = np.empty(int(c_off[-1]), dtype=np.int64)
         work = np.empty(max(1, int((t_x * t_y).max())), dtype=np.float32)
-        flat = np.concatenate(rows) if rows else np.empty(0, dtype=np.float32)
+        flat = np.concatenate(rows)
         frame_counts(flat, offsets, t_x, t_y, np.float32(NEG), counts, c_off, work)
         return [counts[c_off[b]:c_off[b + 1]].copy() for b in range(len(scores))]
     B = len(scores)

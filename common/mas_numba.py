@@ -83,7 +83,7 @@ def batch_parallel(values, t_x, t_y, order, neg, out, work):
 def frame_counts(flat, offsets, t_x, t_y, neg, counts, count_offsets, work):
     """MAS of ragged items without padding: item b's scores are flat[offsets[b]:][:t_x[b] * t_y[b]] viewed as
     [t_x[b], t_y[b]] (tokens x frames); writes its frames per token into counts[count_offsets[b]:][:t_x[b]]
-    (zeros first). work: scratch of >= max(t_x * t_y) values of flat's dtype, out: the token of each frame."""
+    (zeros first). work: scratch of >= max(t_x * t_y) values of flat's dtype."""
     out = np.empty(max(1, t_y.max()), dtype=np.int32)
     for b in range(t_x.shape[0]):
         tx = t_x[b]

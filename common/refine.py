@@ -286,7 +286,7 @@ def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     deadline = t0 + 60 * cfg.max_minutes if cfg.max_minutes > 0 else None
-    fx = Features(cfg.sample_rate, cfg.hop_ms, win_ms=cfg.win_ms)
+    hop_s = cfg.hop_ms / 1000.0  # the features' frame shift (Features.hop_s)
     feats, durations = classifier_features(load_wav, n_utts, cfg) if features is None else features
     if features_out is not None:
         features_out.extend(feats)
@@ -311,7 +311,7 @@ def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[
     confs: list[np.ndarray] = []
     for r in range(max(1, cfg.rounds)):
         margin = cfg.margin_ms / 1000.0 * cfg.margin_decay ** r
-        labels = [frame_labels(unit_ids[i], ends[i], feats[i].shape[0], fx.hop_s, 0.0 if i in fixed else margin,
+        labels = [frame_labels(unit_ids[i], ends[i], feats[i].shape[0], hop_s, 0.0 if i in fixed else margin,
                                cfg.margin_frac) for i in range(n_utts)]
         losses = []
         if shard.main:  # trained once (rank 0), then shared: every process aligns with the same weights
@@ -324,7 +324,7 @@ def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[
             model.eval()
         priors = log_priors([labels[i] for i in train_idx], n_tokens)
         counts, confs = realign(model, feats, unit_ids, cfg, priors, device, shard)
-        new_ends = [F.frame_ends_seconds(c, fx.hop_s, d) for c, d in zip(counts, durations)]
+        new_ends = [F.frame_ends_seconds(c, hop_s, d) for c, d in zip(counts, durations)]
         inner = np.concatenate([np.abs(a[:-1] - b[:-1]) for a, b in zip(new_ends, ends)])
         moved = float(inner.mean()) * 1000 if inner.size else 0.0
         ends = [fixed.get(i, e) for i, e in enumerate(new_ends)]
