@@ -89,6 +89,14 @@ class BoundaryDetector(nn.Module):
         """h [N, C, L] (each boundary's stretch of trunk frames), pairs [N] -> [N, L]."""
         return self.head(h + self.pair(pairs)[:, :, None])[:, 0]
 
+    def window_scores(self, h: torch.Tensor) -> torch.Tensor:
+        """``scores`` of frames 1 .. L-2 of ``h`` [N, C, L] (each a window of a row's trunk frames plus its pair
+        embedding, with one frame of context on each side, zeros beyond the row's edges where ``scores`` pads)
+        -> [N, L - 2]: the head's 3-frame convolution without padding."""
+        conv, _, out = self.head
+        x = torch.relu(nn.functional.conv1d(h, conv.weight, conv.bias))
+        return out(x)[:, 0]
+
 
 def _pairs(classes: np.ndarray, n_classes: int) -> np.ndarray:
     """Per boundary k (between unit k and k + 1): left class * n_classes + right class."""
@@ -161,6 +169,7 @@ def detect(model: BoundaryDetector, feats: list[torch.Tensor], classes: list[np.
     for idx in shard.take(length_buckets([f.shape[0] for f in feats], max(1, int(4 * cfg.batch_seconds / hop_s)))):
         with _autocast(device, cfg):
             h = model.features(_pad([feats[i] for i in idx], device)[0])
+        rows, b_of, lo_all, hi_all, pairs = [], [], [], [], []
         for b, i in enumerate(idx):
             have = [p[i] for p in proposals if p[i] is not None]
             if not have or len(have[0]) < 2:
@@ -168,15 +177,32 @@ def detect(model: BoundaryDetector, feats: list[torch.Tensor], classes: list[np.
                 continue
             P = np.stack([np.asarray(e, dtype=np.float64) for e in have])[:, :-1]  # [members, boundaries]
             T = feats[i].shape[0]
-            with _autocast(device, cfg):
-                s = model.scores(h[b: b + 1, :, :T].expand(P.shape[1], -1, -1),
-                                 torch.from_numpy(_pairs(classes[i], model.n_classes)).to(device)).float().cpu()
             # the frames from the earliest proposal - search to the latest + search (at least one frame)
-            lo = torch.from_numpy(np.clip(np.floor((P.min(0) - search) / hop_s), 0, T - 1).astype(np.int64))
-            hi = torch.from_numpy(np.clip(np.ceil((P.max(0) + search) / hop_s), 0, T - 1).astype(np.int64))
-            f = torch.arange(T)[None]
-            s = s.masked_fill((f < lo[:, None]) | (f > hi[:, None]), -float("inf"))
-            ends = np.append(s.argmax(1).numpy() * hop_s, durations[i])
+            lo_all.append(np.clip(np.floor((P.min(0) - search) / hop_s), 0, T - 1).astype(np.int64))
+            hi_all.append(np.clip(np.ceil((P.max(0) + search) / hop_s), 0, T - 1).astype(np.int64))
+            rows.append((i, len(lo_all[-1])))
+            b_of.append(np.full(len(lo_all[-1]), b))
+            pairs.append(_pairs(classes[i], model.n_classes))
+        if not rows:
+            continue
+        lo, hi = torch.from_numpy(np.concatenate(lo_all)), torch.from_numpy(np.concatenate(hi_all))
+        b_of = torch.from_numpy(np.concatenate(b_of))
+        T_of = torch.tensor([feats[i].shape[0] for i in idx])[b_of]
+        # each boundary's window of trunk frames (and one more on each side: the head's context; zeros beyond
+        # the row, as the head's padding), scored there only
+        pos = lo[:, None] - 1 + torch.arange(int((hi - lo).max()) + 3)[None]  # [N, W + 2]
+        inside = (pos >= 0) & (pos < T_of[:, None])
+        with _autocast(device, cfg):
+            win = h[b_of[:, None], :, pos.clamp(0, h.shape[2] - 1)].transpose(1, 2)  # [N, C, W + 2]
+            win = (win + model.pair(torch.from_numpy(np.concatenate(pairs)).to(device))[:, :, None]) \
+                * inside[:, None, :].to(device)
+            s = model.window_scores(win).float().cpu()  # [N, W]: frame lo + j
+        s = s.masked_fill(lo[:, None] + torch.arange(s.shape[1])[None] > hi[:, None], -float("inf"))
+        frame = (lo + s.argmax(1)).numpy()
+        k = 0
+        for i, n in rows:
+            ends = np.append(frame[k: k + n] * hop_s, durations[i])
             out[i] = np.maximum.accumulate(np.clip(ends, 0.0, durations[i]))
+            k += n
     out = shard.gather(out)
     return [out[i] for i in range(len(feats))]

@@ -157,38 +157,46 @@ def boundary_posterior_means(v, out, med, var):
     S, T = v.shape
     a = np.full((S, T), -np.inf)
     b = np.full((S, T), -np.inf)
+    # only the cells some complete path visits: state s at frame t needs s <= t (each earlier state >= 1 frame) and
+    # S - 1 - s <= T - 1 - t (each later one); a band cell's recursion reads band cells only, so the values are
+    # those of the whole grid, and the others (-inf in a or in b) add nothing to a posterior
     a[0, 0] = v[0, 0]
     for t in range(1, T):
-        a[0, t] = a[0, t - 1] + v[0, t]
-        for s in range(1, S):
+        lo = max(0, S - T + t)
+        if lo == 0:
+            a[0, t] = a[0, t - 1] + v[0, t]
+        for s in range(max(1, lo), min(S - 1, t) + 1):
             a[s, t] = _log_add(a[s, t - 1], a[s - 1, t - 1]) + v[s, t]
     b[S - 1, T - 1] = 0.0
     for t in range(T - 2, -1, -1):
-        for s in range(S - 1):
+        for s in range(max(0, S - T + t), min(S - 2, t) + 1):
             b[s, t] = _log_add(b[s, t + 1] + v[s, t + 1], b[s + 1, t + 1] + v[s + 1, t + 1])
-        b[S - 1, t] = b[S - 1, t + 1] + v[S - 1, t + 1]
+        if t >= S - 1:
+            b[S - 1, t] = b[S - 1, t + 1] + v[S - 1, t + 1]
     w = np.empty(T)
     for s in range(S - 1):
-        # w[t]: the unnormalised posterior that state s + 1 begins at frame t (t >= 1)
+        # w[t]: the unnormalised posterior that state s + 1 begins at frame t, for the frames a path can (s + 1
+        # <= t <= T - S + s + 1: every other frame's is 0)
+        t0, t1 = s + 1, T - S + s + 2
         m = -np.inf
-        for t in range(1, T):
+        for t in range(t0, t1):
             w[t] = a[s, t - 1] + v[s + 1, t] + b[s + 1, t]
             if w[t] > m:
                 m = w[t]
         den = 0.0
         num = 0.0
-        for t in range(1, T):
+        for t in range(t0, t1):
             w[t] = np.exp(w[t] - m) if w[t] - m > -80.0 else 0.0  # below: nothing beside the peak's 1
             den += w[t]
             num += w[t] * t
         out[s] = num / den
         sq = 0.0
-        for t in range(1, T):
+        for t in range(t0, t1):
             sq += w[t] * (t - out[s]) ** 2
         var[s] = sq / den
         acc = 0.0
         med[s] = T - 1.0
-        for t in range(1, T):
+        for t in range(t0, t1):
             p = w[t] / den
             if acc + p >= 0.5:
                 med[s] = t - 0.5 + (0.5 - acc) / p
