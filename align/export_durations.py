@@ -10,6 +10,13 @@ Every option is a key of ``hparams/export.yaml`` (its defaults and help; ``--hel
 ``DIR/durations/export_timing.json``. Existing outputs are skipped unless ``--overwrite``.
 ``torchrun --nproc_per_node N align/export_durations.py ...`` (or torchrun's multi-node flags) splits the work over N
 processes (gloo on CPU, nccl on CUDA: one GPU each) and writes the same files as one process.
+
+    python align/export_durations.py [hparams/export.yaml] --corpus DIR --model_dir RUN --fit_refiner [--key value ...]
+
+trains the boundary refiner (the frame classifier, the HMM-GMMs, the boundary detector) on the corpus and saves it to
+``RUN/refiner.pt`` (or ``--refiner_model FILE``) without writing durations; later exports with the same refiner
+settings align with it instead of training it (``--refiner_model auto``), several times faster. The pipeline's
+train stage runs it.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from common.ddp import close_process_group, exit_process  # noqa: E402
 from common.export import DEFAULT_YAML, export_corpus, load_options  # noqa: E402
 from common.io import UserError, cli  # noqa: E402
 
-USAGE = "usage: export_durations.py [HPARAMS.yaml] --corpus DIR [--model_dir RUN] [--key value ...]"
+USAGE = "usage: export_durations.py [HPARAMS.yaml] --corpus DIR [--model_dir RUN] [--fit_refiner] [--key value ...]"
 
 
 @cli
@@ -36,14 +43,20 @@ def main(argv=None) -> int:
     if {"-h", "--help"} & set(argv):
         print(__doc__.strip() + "\n\n" + config.help_text(options, USAGE))
         return 0
+    fit = "--fit_refiner" in argv
+    if fit:
+        argv.remove("--fit_refiner")
     opts = load_options(config.parse_overrides(argv, options), yaml_path)
     if not opts.corpus.is_dir():
         raise UserError(f"{opts.corpus}: corpus folder not found")
     try:
-        rep = export_corpus(opts)
+        rep = export_corpus(opts, fit_refiner=fit)
     finally:
         close_process_group()
     if not rep:  # a torchrun process other than rank 0: rank 0 wrote the files and reports
+        return 0
+    if fit:
+        print(f"refiner: trained on {rep['rows']} rows in {rep['timing']['seconds']:.1f} s, saved to {rep['refiner']}")
         return 0
     c, timing = rep["counts"], rep["timing"]
     where = opts.corpus / "durations"

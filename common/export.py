@@ -39,6 +39,7 @@ from common.hmm import ENSEMBLE_WEIGHTS, FLAT_INITS, MIXTURE_SCORES, POSTERIOR_P
 from common.refine import FUSIONS, HMM_INITS
 from common.corpus import read_matcha, read_phones_tsv
 from common.ddp import Shard
+from common.mas import set_threads
 from common.durations import (FORMATS, alignment_record, append_alignment, export_durations, matcha_num_frames,
                               npy_duration_paths, pt_duration_path, write_durations)
 from common.g2p import G2P, check_symbols, load_symbols
@@ -97,6 +98,7 @@ class ExportOptions:
     flag_z: float
     flag_min_rows: int
     refine: bool
+    refiner_model: str
     refine_rounds: int
     refine_minutes: float
     refine_max_train_hours: float
@@ -185,6 +187,7 @@ class ExportOptions:
             (0.0 <= self.ctc_weight <= 1.0, f"--ctc_weight must be in [0, 1], got {self.ctc_weight}"),
             (0.0 <= self.hmm_weight <= 1.0, f"--hmm_weight must be in [0, 1], got {self.hmm_weight}"),
             (self.refine_rounds >= 0, f"--refine_rounds must be >= 0, got {self.refine_rounds}"),
+            (bool(str(self.refiner_model)), "--refiner_model must be auto, fit or a refiner.pt file"),
             (self.refine_rounds > 0 or self.hmm_weight > 0,
              "--refine_rounds 0 (no frame classifier) needs the HMM-GMMs: --hmm_weight > 0"),
             (self.hmm_rounds >= 1, f"--hmm_rounds must be >= 1, got {self.hmm_rounds}"),
@@ -265,6 +268,89 @@ def load_options(overrides: dict | None = None, yaml_path: str | Path = DEFAULT_
         raise UserError(f"{yaml_path}: keys {extra} are not export options and {missing} are missing; start from "
                         f"{DEFAULT_YAML}")
     return ExportOptions(**{k: hp[k] for k in names})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The refiner's trained models (refiner.pt)
+# --------------------------------------------------------------------------------------------------------------------
+REFINER_FILE, REFINER_VERSION = "refiner.pt", 1
+REFINER_PREFIXES = ("refine_", "hmm_", "fusion", "closure_", "detector_", "feature_sample_rate")
+NOT_REFINER = ("refine_minutes", "hmm_concurrent")  # scheduling only: they do not change what is trained
+
+
+def refiner_settings(opts: ExportOptions) -> dict:
+    """The options that decide what the refiner trains and how its members are combined: a stored refiner aligns
+    only an export with the same ones."""
+    return {k: v for k, v in sorted(opts.as_record().items())
+            if k.startswith(REFINER_PREFIXES) and k not in NOT_REFINER}
+
+
+def refiner_path(opts: ExportOptions) -> Path | None:
+    """Where ``--refiner_model`` points: the run folder's refiner.pt (auto, fit), or the file named."""
+    if opts.refiner_model not in ("auto", "fit"):
+        return Path(opts.refiner_model)
+    if opts.styletts2_asr or opts.first_pass != "recognizer":
+        return None
+    return opts.model_dir / REFINER_FILE
+
+
+def _refiner_record(model: LoadedModel) -> str:
+    """The checkpoint a refiner was fitted after (its folder's name: a new checkpoint of the run is another)."""
+    return Path(str(model.checkpoint)).name
+
+
+def load_refiner(opts: ExportOptions, model: LoadedModel, vocab, labelled: bool, log) -> tuple[dict | None, dict]:
+    """The stored refiner this export aligns with, or None (then it is trained here), and what the report says of
+    it. ``auto``: MODEL_DIR/refiner.pt when its settings, vocabulary and checkpoint are this export's (else a note
+    says why it is trained here); a file named: it must be, or the error says what differs."""
+    if opts.refiner_model == "fit":
+        return None, {"source": "trained here (--refiner_model fit)"}
+    path, named = refiner_path(opts), opts.refiner_model != "auto"
+    if path is None or not path.is_file():
+        if named:
+            raise UserError(f"--refiner_model {path}: file not found (write one with align/export_durations.py "
+                            "--fit_refiner, or use --refiner_model auto)")
+        return None, {"source": "trained here (no stored refiner)"}
+    if labelled:
+        if named:
+            raise UserError(f"--labelled rows train the refiner: drop --refiner_model {path} (or the labels)")
+        return None, {"source": "trained here (--labelled rows train it)"}
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        ok_file = isinstance(stored, dict) and stored.get("version") == REFINER_VERSION
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise UserError(f"{path}: not a refiner file ({type(err).__name__}: {err}); delete it, or write it again "
+                        "with align/export_durations.py --fit_refiner") from None
+    if not ok_file:
+        raise UserError(f"{path}: not a refiner file of this version; write it again with "
+                        "align/export_durations.py --fit_refiner")
+    want = refiner_settings(opts)
+    why = [f"--{k}" for k in sorted(set(want) | set(stored["settings"]))
+           if want.get(k) != stored["settings"].get(k)]
+    if list(stored["tokens"]) != list(vocab.tokens):
+        why.append("the vocabulary")
+    if stored["checkpoint"] != _refiner_record(model):
+        why.append(f"the checkpoint ({stored['checkpoint']}, now {_refiner_record(model)})")
+    if why:
+        msg = f"{path} was fitted with other {', '.join(why[:6])}{' ...' if len(why) > 6 else ''}"
+        if named:
+            raise UserError(msg + "; fit it again (align/export_durations.py --fit_refiner) or use --refiner_model fit")
+        if log:
+            log(f"{msg}: training the refiner on this corpus instead")
+        return None, {"source": f"trained here ({msg})"}
+    return stored["models"], {"source": "stored", "file": str(path), "fitted_on": stored["corpus"],
+                              "fitted_rows": stored["rows"]}
+
+
+def save_refiner(path: Path, models: dict, opts: ExportOptions, model: LoadedModel, vocab, rows: int,
+                 audio_s: float) -> None:
+    """refiner.pt (atomically): the trained models and what they were fitted with and on."""
+    from common.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save({"version": REFINER_VERSION, "settings": refiner_settings(opts), "tokens": list(vocab.tokens),
+                    "checkpoint": _refiner_record(model), "corpus": str(opts.corpus), "rows": rows,
+                    "audio_seconds": round(audio_s, 2), "models": models}, tmp)
 
 
 def cpu_has_bf16() -> bool:
@@ -603,17 +689,21 @@ def _remove_stale_temps(folders) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def export_corpus(opts: ExportOptions) -> dict:
+def export_corpus(opts: ExportOptions, fit_refiner: bool = False) -> dict:
     """Run the export; returns the report (as written to ``export_report.json``) with its ``timing`` added. Under
     ``torchrun --nproc_per_node N`` every process aligns whole batches of one plan, round-robin (the refiner and the
-    HMM-GMMs are trained once, by rank 0, and shared), rank 0 writes every file and returns the report, the other
-    processes return {}: the files are those a single process writes."""
+    HMM-GMMs are trained once, by rank 0, and shared; a stored refiner is read by each), rank 0 writes every file
+    and returns the report, the other processes return {}: the files are those a single process writes.
+    ``fit_refiner``: train the refiner on every row and save it (``refiner_path``), write no durations; returns
+    {"refiner": its path, "rows": the rows it was trained on, "timing": ...}."""
     from tqdm import tqdm
 
     from common.run_report import peak_memory_mb, provenance
 
     t0 = time.time()
     timing: dict = {}
+    if fit_refiner:  # nothing is written: Matcha's mel lengths are not needed
+        opts = dataclasses.replace(opts, no_mels=True)
     device = resolve_device(opts.device)
     shard = Shard.from_env(device)  # under torchrun: this process's share (common/ddp.py); else all of it
     if shard.world > 1 and device == "cuda":
@@ -628,9 +718,19 @@ def export_corpus(opts: ExportOptions) -> dict:
     check_feasible(items, model.scorer, opts.edge_silence)
     report_dir = opts.corpus / "durations"
     align_file = report_dir / ALIGNMENTS_FILE
-    todo = [it for it in items if opts.overwrite or not it.out.is_file()]
+    log = (lambda m: print(m, flush=True)) if opts.progress and shard.main else None
+    fitted, refiner_info = None, None
+    if fit_refiner:
+        if not opts.refine:
+            raise UserError("--fit_refiner with --refine False: there is no refiner to train")
+        if refiner_path(opts) is None:
+            raise UserError("--fit_refiner: give --refiner_model FILE (where to save it): this first pass has no "
+                            "run folder")
+    elif opts.refine:
+        fitted, refiner_info = load_refiner(opts, model, model.vocab, reference is not None, log)
+    todo = items if fit_refiner else [it for it in items if opts.overwrite or not it.out.is_file()]
     shard.barrier()  # every process has seen what is already written before rank 0 cleans up
-    if shard.main:
+    if shard.main and not fit_refiner:
         _remove_stale_temps({it.out.parent for it in items} | {report_dir})
         if opts.overwrite and align_file.is_file():
             align_file.unlink()
@@ -648,7 +748,13 @@ def export_corpus(opts: ExportOptions) -> dict:
         if not labelled:
             raise UserError(f"{opts.labelled}: none of its {len(reference)} row(s) is in {opts.corpus}'s metadata; "
                             f"name them by rel_path (e.g. {first[0].rel if first else 'voice/utt'})")
-    plots_left = opts.plots if shard.main else 0
+    plots_left = opts.plots if shard.main and not fit_refiner else 0
+    models = {} if fit_refiner else None
+    refiner = Refinement(first, units, model.scorer, units.vocab, device, opts, timing, shard, fitted, models) \
+        if refining else None
+    # stored models align beside the first pass (one thread each: it hardly uses a second one on CPU)
+    early = refiner is not None and not labelled and refiner.start()
+    previous = set_threads(1) if early else None
     first_pass = FirstPass(model.scorer, opts, precision)
     batches = first_pass.batches(first)
     bar = tqdm(total=len(first), desc="export" if not collect else "first pass", unit="utt",
@@ -671,8 +777,16 @@ def export_corpus(opts: ExportOptions) -> dict:
             else:
                 mine[shard.rank + k * shard.world] = list(zip(idx, rows))  # the batch's number in the plan
             bar.update(len(rows) * shard.world)
+    except BaseException:
+        if refiner is not None:
+            refiner.close()
+        raise
     finally:
         writer.shutdown(wait=True)
+        if previous is not None:
+            set_threads(*previous)
+    if refiner is not None:
+        refiner.first_pass_done()
     audio_s = sum(f.result() for f in written)
     bar.close()
     passed: list[Alignment] = [None] * len(first)  # type: ignore[list-item]  # in item order
@@ -682,9 +796,16 @@ def export_corpus(opts: ExportOptions) -> dict:
             passed[i] = a
             in_batch_order.append(a)
     timing["first_pass_s"] = round(time.time() - t0, 2)
-    refine_stats = _refine(passed, units.vocab, device, opts, labelled, timing, shard) if refining else None
+    refine_stats = refiner.apply(passed, labelled) if refiner is not None else None
     if not shard.main:
         return {}
+    if fit_refiner:
+        path = refiner_path(opts)
+        save_refiner(path, models, opts, model, units.vocab, len(passed), sum(a.item.duration_s for a in passed))
+        timing["seconds"] = round(time.time() - t0, 2)
+        return {"refiner": path, "rows": len(passed), "timing": timing}
+    if refine_stats is not None:
+        refine_stats["refiner"] = refiner_info
     if not streaming and not collect:  # torchrun without refinement: rank 0 writes every row, in the plan's order
         _calibrate(in_batch_order, cal)
         audio_s += _write_all(in_batch_order, opts, align_file, results, failures)
@@ -734,42 +855,106 @@ def export_corpus(opts: ExportOptions) -> dict:
     return {**report, "timing": timing}
 
 
-def _refine(passed: list[Alignment], vocab, device: str, opts: ExportOptions, labelled: dict, timing: dict,
-            shard: Shard) -> dict:
-    """Replace every first-pass alignment by the refined one (``common.refine.refine_boundaries``); returns its
-    stats. ``labelled[i]``: reference segments of row ``i``, whose boundaries become the refiner's training
-    labels for that row."""
-    from common.audio import load_audio
-    from common.landmarks import ClosureSnap
-    from common.refine import cap_final_phone, refine_boundaries
+class Refinement:
+    """The refiner's run over the rows of an export (``common.refine.refine_boundaries``): ``run`` in this thread
+    after the first pass, or, with stored models (``fitted``) in one process, ``start`` it in a thread beside the
+    first pass: stored models need nothing from the first pass (its boundaries are neither a starting point nor,
+    with ``fusion_first_pass`` 0, a member), so the two share the cores. ``apply`` then moves each first-pass
+    alignment to the refined boundaries. ``rows``: the items the first pass aligns (long rows' pieces included),
+    in order; ``labelled[i]``: reference segments of row ``i``, whose boundaries become the refiner's training
+    labels for that row; ``fit_out``: a dict that receives the models trained here."""
 
-    cfg = dataclasses.replace(opts.refiner, precision=resolve_precision(opts.precision, device))
-    first_ends = [a.unit_ends() for a in passed]
-    log = (lambda m: print(m, flush=True)) if opts.progress and shard.main else None
-    fixed = {i: calibration.pin_to_reference(passed[i].units, first_ends[i], ref, cfg.hop_ms / 1000.0)
-             for i, ref in labelled.items()}
-    index = getattr(vocab, "index", {})  # the units' silence classes: the edge slots' (blank) and pau's
-    hmm = dataclasses.replace(opts.hmm_aligner, silence_ids=(BLANK_ID, *sorted(index[t] for t in SILENCE_TOKENS
-                                                                               if t in index)))
-    ends, grid_s, confs, stats, members = refine_boundaries(
-        lambda i: load_audio(passed[i].item.wav, cfg.sample_rate, passed[i].item.span)[0],
-        [a.item.duration_s for a in passed],
-        [a.unit_ids() for a in passed], first_ends, len(vocab), cfg, hmm, opts.hmm_weight,
-        opts.hmm_flat_start_schedule, device, log, fixed, timing, shard, opts.fusion, opts.fusion_first_pass,
-        [SIL if k == BLANK_ID else t for k, t in enumerate(vocab.tokens)],  # class 0: the edge silence slots
-        opts.hmm_init, opts.fusion_gate_ms / 1000.0, opts.hmm_flat_single,
-        ClosureSnap(opts.closure_snap, *map(float, opts.closure_window_ms), opts.closure_offset_ms),
-        opts.fusion_precision, dataclasses.replace(opts.boundary_detector, precision=cfg.precision),
-        opts.hmm_concurrent)
-    fits = stats.pop("row_fit", None) or [None] * len(passed)
-    if opts.final_cap > 0:
-        stats["final_capped"] = cap_final_phone([a.units for a in passed], ends, opts.final_cap, SILENCE_TOKENS)
-    for i, (a, e, rc) in enumerate(zip(passed, ends, confs)):
-        a.frames = F.ends_to_counts(e, int(round(a.item.duration_s / grid_s)), grid_s)
-        a.hop_s, a.refine_confidence, a.hmm_fit = grid_s, rc, fits[i]
-        if opts.dump_members:
-            a.members = {k: v[i] for k, v in members.items() if v[i] is not None}
-    return stats
+    def __init__(self, rows: list[Item], units, scorer, vocab, device: str, opts: ExportOptions, timing: dict,
+                 shard: Shard, fitted: dict | None = None, fit_out: dict | None = None):
+        from common.refine import unit_label_ids
+
+        self.rows, self.vocab, self.device, self.opts, self.timing, self.shard = rows, vocab, device, opts, timing, \
+            shard
+        self.fitted, self.fit_out, self.future, self.pool, self.helper = fitted, fit_out, None, None, None
+        self.cfg = dataclasses.replace(opts.refiner, precision=resolve_precision(opts.precision, device))
+        edges = opts.edge_silence or scorer.edge_rows  # the units the first pass aligns (FirstPass.run)
+        self.unit_ids = []
+        for it in rows:
+            _, lead, trail = A.alignment_units(it.tokens, edges)
+            self.unit_ids.append(unit_label_ids(units.item(it).ids, lead, trail, BLANK_ID))
+
+    def _call(self, first_ends: list | None, fixed: dict, threads: int = 0):
+        from common.audio import load_audio
+        from common.landmarks import ClosureSnap
+        from common.refine import refine_boundaries
+
+        opts, cfg, vocab = self.opts, self.cfg, self.vocab
+        if threads:  # a thread beside the first pass: its own thread count (torch's is per thread)
+            from common.mas import set_threads
+
+            set_threads(threads)
+        log = (lambda m: print(m, flush=True)) if opts.progress and self.shard.main else None
+        index = getattr(vocab, "index", {})  # the units' silence classes: the edge slots' (blank) and pau's
+        hmm = dataclasses.replace(opts.hmm_aligner, silence_ids=(BLANK_ID, *sorted(index[t] for t in SILENCE_TOKENS
+                                                                                   if t in index)))
+        return refine_boundaries(
+            lambda i: load_audio(self.rows[i].wav, cfg.sample_rate, self.rows[i].span)[0],
+            [it.duration_s for it in self.rows], self.unit_ids,
+            first_ends if first_ends is not None else [None] * len(self.rows), len(vocab), cfg, hmm,
+            opts.hmm_weight, opts.hmm_flat_start_schedule, self.device, log, fixed, self.timing, self.shard,
+            opts.fusion, opts.fusion_first_pass,
+            [SIL if k == BLANK_ID else t for k, t in enumerate(vocab.tokens)],  # class 0: the edge silence slots
+            opts.hmm_init, opts.fusion_gate_ms / 1000.0, opts.hmm_flat_single,
+            ClosureSnap(opts.closure_snap, *map(float, opts.closure_window_ms), opts.closure_offset_ms),
+            opts.fusion_precision, dataclasses.replace(opts.boundary_detector, precision=cfg.precision),
+            opts.hmm_concurrent and not threads, self.fitted, self.fit_out, self.helper)
+
+    def start(self) -> bool:
+        """With stored models, one process and the first pass not a member: run in a thread now (one thread of
+        its own; the caller gives the first pass one, then ``first_pass_done()``: a helper thread joins the
+        stored HMM-GMMs' jobs); False where it must wait for the first pass."""
+        from common.refine import Helper
+
+        if self.fitted is None or self.shard.world > 1 or self.opts.fusion_first_pass > 0 or \
+                not self.device.startswith("cpu"):
+            return False
+        self.helper = Helper()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export-refiner")
+        self.future = self.pool.submit(self._call, None, {}, 1)
+        return True
+
+    def first_pass_done(self) -> None:
+        if self.helper is not None:
+            self.helper.open()
+
+    def close(self) -> None:
+        if self.helper is not None:
+            self.helper.close()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+    def apply(self, passed: list[Alignment], labelled: dict) -> dict:
+        """Replace every first-pass alignment by the refined one; returns the refiner's stats."""
+        from common.refine import cap_final_phone
+
+        opts, cfg = self.opts, self.cfg
+        first_ends = [a.unit_ends() for a in passed]
+        if any(a.unit_ids() != u for a, u in zip(passed, self.unit_ids)):
+            raise RuntimeError("the first pass aligned other units than the refiner was given")  # a bug, not input
+        if self.future is not None:
+            try:
+                ends, grid_s, confs, stats, members = self.future.result()
+            finally:
+                self.close()
+            members["first_pass"] = first_ends
+        else:
+            fixed = {i: calibration.pin_to_reference(passed[i].units, first_ends[i], ref, cfg.hop_ms / 1000.0)
+                     for i, ref in labelled.items()}
+            ends, grid_s, confs, stats, members = self._call(first_ends, fixed)
+        fits = stats.pop("row_fit", None) or [None] * len(passed)
+        if opts.final_cap > 0:
+            stats["final_capped"] = cap_final_phone([a.units for a in passed], ends, opts.final_cap, SILENCE_TOKENS)
+        for i, (a, e, rc) in enumerate(zip(passed, ends, confs)):
+            a.frames = F.ends_to_counts(e, int(round(a.item.duration_s / grid_s)), grid_s)
+            a.hop_s, a.refine_confidence, a.hmm_fit = grid_s, rc, fits[i]
+            if opts.dump_members:
+                a.members = {k: v[i] for k, v in members.items() if v[i] is not None}
+        return stats
 
 
 def _fit_labelled(passed: list[Alignment], labelled: dict, out: Path, opts: ExportOptions) -> Calibration:

@@ -437,13 +437,13 @@ def fit_gaps(model: StateGMMs, feats: list[torch.Tensor], seqs: list[torch.Tenso
     """Per utterance, how much worse its forced alignment explains its frames than the best state of the whole
     model does, frame by frame: the mean over frames of ``max_s log p(x_t|s) - log p(x_t|aligned state)`` (a
     goodness-of-pronunciation score over the row; a wrong transcript forces frames into states that do not fit)."""
-    used = torch.unique(torch.cat(seqs))
+    used = torch.unique(torch.cat(seqs))  # sorted: a row's states are found in it by binary search
     out = []
     for f, s, c in zip(feats, seqs, state_counts):
-        best = model.loglik(f, used, mixture).max(0).values
+        scores = model.loglik(f, used, mixture)  # [used states, T]: the best and the aligned state's from one pass
         pos = torch.from_numpy(np.repeat(np.arange(len(s)), c))
-        aligned = model.loglik(f, s, mixture)[pos, torch.arange(f.shape[0])]
-        out.append(round(float((best - aligned).mean()), 4))
+        aligned = scores[torch.searchsorted(used, s)[pos], torch.arange(f.shape[0])]
+        out.append(round(float((scores.max(0).values - aligned).mean()), 4))
     return out
 
 
@@ -508,12 +508,14 @@ def energy_flat_start(feat: torch.Tensor, units: list[int], silence_ids, states:
 def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: list[list[int]],
                 init_ends_s: list[np.ndarray] | None, n_units: int, cfg: HMMConfig | None = None,
                 log=None, timing: dict | None = None, shard: Shard = SINGLE,
-                row_fit: bool = False, keep_sd: bool = False) -> tuple[list[np.ndarray | None], dict]:
+                row_fit: bool = False, keep_sd: bool = False, fit_out: list | None = None
+                ) -> tuple[list[np.ndarray | None], dict]:
     """Viterbi-train on ``feats`` (``features()``, at ``cfg.hop_ms``) and re-align: ``unit_ids[i]`` are utterance
     ``i``'s unit class ids (< ``n_units``), ``init_ends_s[i]`` their end times (s) to start from (None: a flat
     start). Returns (unit end times (s) per utterance, None for one with fewer frames than states, stats); the
     wall-clock seconds go to ``timing["seconds"]``. ``row_fit``: ``stats["row_fit"]`` holds each row's fit gap
-    under the final model (``fit_gaps``)."""
+    under the final model (``fit_gaps``). ``fit_out``: a list that receives the final model (``HMMFit``; none when
+    no row could be aligned)."""
     cfg = cfg or HMMConfig()
     t0 = time.time()
     if cfg.flat_init not in FLAT_INITS:
@@ -522,17 +524,11 @@ def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: lis
         raise ValueError(f"posterior_point must be one of {POSTERIOR_POINTS}, got {cfg.posterior_point!r}")
     if cfg.mixture_score not in MIXTURE_SCORES:
         raise ValueError(f"mixture_score must be one of {MIXTURE_SCORES}, got {cfg.mixture_score!r}")
-    if cfg.split_trailing_silence and cfg.silence_ids:  # the trailing silence unit becomes class n_units
-        sil = set(int(x) for x in cfg.silence_ids)
-        unit_ids = [list(u[:-1]) + [n_units] if len(u) > 1 and u[-1] in sil else list(u) for u in unit_ids]
-        cfg = dataclasses.replace(cfg, silence_ids=(*cfg.silence_ids, n_units), split_trailing_silence=False)
-        if cfg.unit_classes:
-            cfg = dataclasses.replace(cfg, unit_classes=(*cfg.unit_classes[:n_units], ContextStates.SILENCE))
-        n_units += 1
-    hop_s = cfg.hop_ms / 1000.0
-    n_utts = len(feats)
+    split_from = n_units if cfg.split_trailing_silence and cfg.silence_ids else None
+    cfg, unit_ids, n_units = _split_trailing(cfg, unit_ids, n_units)
+    hop_s, n_utts = cfg.hop_ms / 1000.0, len(feats)
     # Viterbi needs >= one frame per state: an utterance too fast for that keeps its initial alignment
-    ok = [i for i, (f, u) in enumerate(zip(feats, unit_ids)) if f.shape[0] >= cfg.states * len(u)]
+    ok = fits_states(feats, unit_ids, cfg.states)
     stats: dict = {"skipped_too_fast": n_utts - len(ok)}
     out: list[np.ndarray | None] = [None] * n_utts
     if init_ends_s is not None:
@@ -573,35 +569,136 @@ def hmm_realign(feats: list[torch.Tensor], durations: list[float], unit_ids: lis
                                                posterior=True)
         st["passes"] = mono_passes + st["passes"]
         stats.update(st, train_utts=len(train), train_audio_s=round(acc, 1))
-        rest = sorted(set(ok) - set(train))
-        if rest:
-            rows = align_rows(model, [feats[i] for i in rest],
-                              state_sequences([unit_ids[i] for i in rest], cfg.states, ctx), shard=shard,
-                              mixture=cfg.mixture_score, posterior_scale=cfg.posterior_scale,
-                              median=cfg.posterior_point == "median")
-            counts = counts + [c for c, _ in rows]
-            posts = None if posts is None else posts + [q for _, q in rows]
-        if posts is not None:  # each unit's end at the posterior statistic of the boundary before its successor
-            S = cfg.states
-            ends = [F.start_frames_to_ends(q[0][S - 1::S], hop_s, durations[i]) for i, q in zip(train + rest, posts)]
-            if keep_sd:  # each end's posterior sd (s); the last unit's end (the audio's) is sure
-                stats["boundary_sd"] = [None] * n_utts
-                for i, q in zip(train + rest, posts):
-                    stats["boundary_sd"][i] = np.append(np.sqrt(q[1][S - 1::S]), 0.0) * hop_s
-        else:
-            ends = [F.frame_ends_seconds(c.reshape(-1, cfg.states).sum(1), hop_s, durations[i])
-                    for i, c in zip(train + rest, counts)]
-        for i, e in zip(train + rest, ends):
-            out[i] = e
-        if row_fit:  # per row (None where not aligned): common.review's goodness-of-fit statistic
-            fits = fit_gaps(model, [feats[i] for i in train + rest],
-                            state_sequences([unit_ids[i] for i in train + rest], cfg.states, ctx), counts,
-                            cfg.mixture_score)
-            stats["row_fit"] = [None] * n_utts
-            for i, g in zip(train + rest, fits):
-                stats["row_fit"][i] = g
+        fit = HMMFit(cfg, n_units, model, ctx, split_from)
+        if fit_out is not None:
+            fit_out.append(fit)
+        rows = train + sorted(set(ok) - set(train))  # the final model aligns the rows it was not trained on
+        _finish(fit, feats, durations, rows, unit_ids, counts, posts, out, stats, shard, row_fit, keep_sd)
     if timing is not None:
         timing["seconds"] = round(time.time() - t0, 2)
+    return out, stats
+
+
+def _split_trailing(cfg: HMMConfig, unit_ids: list[list[int]], n_units: int):
+    """``cfg.split_trailing_silence``: a row's trailing silence unit becomes class ``n_units`` (its own GMMs);
+    returns (the config, unit ids and unit count to train and align with)."""
+    if not (cfg.split_trailing_silence and cfg.silence_ids):
+        return cfg, unit_ids, n_units
+    sil = set(int(x) for x in cfg.silence_ids)
+    unit_ids = [list(u[:-1]) + [n_units] if len(u) > 1 and u[-1] in sil else list(u) for u in unit_ids]
+    cfg = dataclasses.replace(cfg, silence_ids=(*cfg.silence_ids, n_units), split_trailing_silence=False)
+    if cfg.unit_classes:
+        cfg = dataclasses.replace(cfg, unit_classes=(*cfg.unit_classes[:n_units], ContextStates.SILENCE))
+    return cfg, unit_ids, n_units + 1
+
+
+def fits_states(feats: list[torch.Tensor], unit_ids: list[list[int]], states: int) -> list[int]:
+    """The rows Viterbi can align: at least one frame per state."""
+    return [i for i, (f, u) in enumerate(zip(feats, unit_ids)) if f.shape[0] >= states * len(u)]
+
+
+def _finish(fit: "HMMFit", feats, durations, rows: list[int], unit_ids, counts: list | None, posts: list | None,
+            out: list, stats: dict, shard: Shard, row_fit: bool, keep_sd: bool) -> None:
+    """Rows ``rows``' unit end times under the final model into ``out`` (and their posterior sds / fit gaps into
+    ``stats``). ``counts``/``posts``: the state frame counts (and boundary posteriors) of the first of them, from
+    the last training pass; the model aligns the others (all of them when ``counts`` is None: a stored fit)."""
+    cfg, model, ctx = fit.cfg, fit.model, fit.ctx
+    counts = list(counts or [])
+    posts = None if counts and posts is None else list(posts or [])
+    rest = rows[len(counts):]
+    if rest:
+        aligned = align_rows(model, [feats[i] for i in rest],
+                             state_sequences([unit_ids[i] for i in rest], cfg.states, ctx), shard=shard,
+                             mixture=cfg.mixture_score, posterior_scale=cfg.posterior_scale,
+                             median=cfg.posterior_point == "median")
+        counts += [c for c, _ in aligned]
+        posts = None if posts is None or cfg.posterior_scale <= 0 else posts + [q for _, q in aligned]
+    hop_s, n_utts = cfg.hop_ms / 1000.0, len(feats)
+    if posts is not None:  # each unit's end at the posterior statistic of the boundary before its successor
+        S = cfg.states
+        ends = [F.start_frames_to_ends(q[0][S - 1::S], hop_s, durations[i]) for i, q in zip(rows, posts)]
+        if keep_sd:  # each end's posterior sd (s); the last unit's end (the audio's) is sure
+            stats["boundary_sd"] = [None] * n_utts
+            for i, q in zip(rows, posts):
+                stats["boundary_sd"][i] = np.append(np.sqrt(q[1][S - 1::S]), 0.0) * hop_s
+    else:
+        ends = [F.frame_ends_seconds(c.reshape(-1, cfg.states).sum(1), hop_s, durations[i])
+                for i, c in zip(rows, counts)]
+    for i, e in zip(rows, ends):
+        out[i] = e
+    if row_fit:  # per row (None where not aligned): common.review's goodness-of-fit statistic
+        fits = fit_gaps(model, [feats[i] for i in rows], state_sequences([unit_ids[i] for i in rows], cfg.states,
+                                                                          ctx), counts, cfg.mixture_score)
+        stats["row_fit"] = [None] * n_utts
+        for i, g in zip(rows, fits):
+            stats["row_fit"][i] = g
+
+
+def config_state(cfg: HMMConfig) -> dict:
+    """An ``HMMConfig`` as plain types (tuples as lists; the variants' dicts as [key, value] pairs)."""
+    d = dataclasses.asdict(cfg)
+    d["variants"] = [[list(kv) for kv in dict(v).items()] for v in cfg.variants]
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def config_from_state(d: dict) -> HMMConfig:
+    """``config_state``'s inverse."""
+    d = dict(d)
+    d["variants"] = tuple({k: v for k, v in pairs} for pairs in d["variants"])
+    tuples = {f.name for f in dataclasses.fields(HMMConfig) if isinstance(f.default, tuple)} - {"variants"}
+    return HMMConfig(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
+
+
+@dataclass
+class HMMFit:
+    """One trained HMM-GMM: what aligns new rows as its last training pass aligned its own (``apply_fit``). ``cfg``,
+    ``n_units``: after ``_split_trailing``; ``ctx``: its context-dependent edge states (None: monophones);
+    ``trailing_class``: the class a row's trailing silence became (``split_trailing_silence``; None: not split)."""
+    cfg: HMMConfig
+    n_units: int
+    model: StateGMMs
+    ctx: "ContextStates | None" = None
+    trailing_class: int | None = None
+
+    def to_state(self) -> dict:
+        """Plain types and tensors (``torch.load(weights_only=True)`` reads them)."""
+        m, c = self.model, self.ctx
+        return {"cfg": config_state(self.cfg), "n_units": self.n_units, "trailing_class": self.trailing_class,
+                "mu": m.mu, "var": m.var, "logw": m.logw, "log_self": m.log_self,
+                "ctx": None if c is None else {"states": c.states, "classes": c.classes.tolist(),
+                                               "keys": [list(k) for k in c.ids], "ids": list(c.ids.values()),
+                                               "n_states": c.n_states}}
+
+    @classmethod
+    def from_state(cls, d: dict) -> "HMMFit":
+        cfg = config_from_state(d["cfg"])
+        model = StateGMMs(d["mu"].shape[0], d["mu"].shape[2])
+        model.mu, model.var, model.logw, model.log_self = d["mu"], d["var"], d["logw"], d["log_self"]
+        ctx = None
+        if d["ctx"] is not None:
+            c = d["ctx"]
+            ctx = ContextStates.__new__(ContextStates)
+            ctx.states, ctx.classes = c["states"], np.asarray(c["classes"], dtype=np.int64)
+            ctx.ids = {tuple(k): int(i) for k, i in zip(c["keys"], c["ids"])}
+            ctx.n_states = c["n_states"]
+        return cls(cfg, d["n_units"], model, ctx, d["trailing_class"])
+
+
+def apply_fit(fit: HMMFit, feats: list[torch.Tensor], durations: list[float], unit_ids: list[list[int]],
+              allowed: set[int] | None = None, shard: Shard = SINGLE, row_fit: bool = False,
+              keep_sd: bool = False) -> tuple[list[np.ndarray | None], dict]:
+    """``hmm_realign``'s output with a trained model (``HMMFit``) instead of training one: every row it can align
+    (>= one frame per state; within ``allowed`` when given) gets the unit end times the final training pass gives
+    its own rows."""
+    cfg, ids = fit.cfg, unit_ids
+    if fit.trailing_class is not None:  # trained with split_trailing_silence: the same split of these rows
+        ids = _split_trailing(dataclasses.replace(cfg, silence_ids=cfg.silence_ids[:-1],
+                                                  split_trailing_silence=True), unit_ids, fit.trailing_class)[1]
+    ok = [i for i in fits_states(feats, ids, cfg.states) if allowed is None or i in allowed]
+    out: list[np.ndarray | None] = [None] * len(feats)
+    stats: dict = {"aligned": len(ok)}
+    if ok:
+        _finish(fit, feats, durations, ok, ids, None, None, out, stats, shard, row_fit, keep_sd)
     return out, stats
 
 
@@ -666,11 +763,12 @@ class Ensemble:
 
 def hmm_ensemble(bank: FeatureBank, durations: list[float], unit_ids: list[list[int]],
                  init_ends_s: list[np.ndarray] | None, n_units: int, cfg: HMMConfig, later_schedule=None, log=None,
-                 timing: dict | None = None, shard: Shard = SINGLE) -> Ensemble:
+                 timing: dict | None = None, shard: Shard = SINGLE, fit_out: dict | None = None) -> Ensemble:
     """``hmm_realign`` once per member of ``cfg.variant_configs()`` (features from ``bank``), their unit end times
     averaged; ``cfg.rounds`` > 1: every later round re-trains each member from the previous round's mean with
     ``later_schedule`` (default ``cfg.schedule``). Averaging members whose features differ (the MFCC window, the
-    delta span, the number of states) cancels part of each one's own boundary error."""
+    delta span, the number of states) cancels part of each one's own boundary error. ``fit_out``: a dict that
+    receives what ``apply_ensemble`` needs to give the same result on any rows (``ensemble_state``)."""
     t0 = time.time()
     if cfg.ensemble_weights not in ENSEMBLE_WEIGHTS:
         raise ValueError(f"ensemble_weights must be one of {ENSEMBLE_WEIGHTS}, got {cfg.ensemble_weights!r}")
@@ -682,14 +780,18 @@ def hmm_ensemble(bank: FeatureBank, durations: list[float], unit_ids: list[list[
     stats: dict = {"members": len(members), "rounds": rounds, "runs": []}  # runs: round by round
     init, first, row_fit = init_ends_s, None, None
     ends: list[np.ndarray | None] = [None] * len(durations)
+    fits: list = []  # the last round's models (and the first member's first-round model, first)
     for r in range(rounds):
         sets, sds = [], []
         for k, m in enumerate(members):
             if r > 0:
                 m = dataclasses.replace(m, schedule=tuple(later_schedule or cfg.schedule))
             last = r == rounds - 1 and k == 0
+            got: list = []
             e, st = hmm_realign(bank[m], durations, unit_ids, init, n_units, m, log, None, shard, row_fit=last,
-                                keep_sd=True)
+                                keep_sd=True, fit_out=got)
+            if (r == 0 and k == 0) or r == rounds - 1:
+                fits.append(got[0] if got else None)
             sds.append(st.pop("boundary_sd", None))
             if last:
                 row_fit = st.pop("row_fit")
@@ -702,7 +804,87 @@ def hmm_ensemble(bank: FeatureBank, durations: list[float], unit_ids: list[list[
         init = ends  # a row no member aligned (None) is left out of later rounds
     if timing is not None:
         timing["seconds"] = round(time.time() - t0, 2)
+    if fit_out is not None:
+        fit_out.update(ensemble_state(cfg, init_ends_s is None, fits[0], fits[-len(members):]))
     return Ensemble(ends, first, row_fit, stats, _precisions(sds, floor), first_prec)
+
+
+def ensemble_state(cfg: HMMConfig, flat: bool, first: HMMFit | None, last: list) -> dict:
+    """An ensemble's trained models as plain types and tensors: its first member's first-round model, each
+    member's last-round model (None where it aligned no row), and what decides which rows they align."""
+    return {"rounds": max(1, cfg.rounds), "flat": flat, "ensemble_weights": cfg.ensemble_weights,
+            "sd_floor_ms": cfg.sd_floor_ms, "members": [config_state(m) for m in cfg.variant_configs()],
+            "first": None if first is None else first.to_state(),
+            "last": [None if f is None else f.to_state() for f in last]}
+
+
+def apply_ensemble(state: dict, bank: FeatureBank, durations: list[float], unit_ids: list[list[int]],
+                   shard: Shard = SINGLE, first: bool = True, timing: dict | None = None) -> Ensemble:
+    """``hmm_ensemble``'s result from its trained models (``ensemble_state``), on these rows: the rows each member
+    aligns follow the same rules (>= one frame per state; a flat start only on rows up to ``flat_start_max_s``;
+    a later round only on rows an earlier round aligned), then each member's last-round model aligns them.
+    ``first``: also the first member's first-round alignment (``Ensemble.first``; else None); the wall-clock
+    seconds go to ``timing["seconds"]``. ``ensemble_jobs`` is the same as independent jobs (one per model)."""
+    t0 = time.time()
+    jobs, assemble = ensemble_jobs(state, bank, durations, unit_ids, shard, first)
+    ens = assemble([job() for job in jobs])
+    if timing is not None:
+        timing["seconds"] = round(time.time() - t0, 2)
+    return ens
+
+
+def ensemble_jobs(state: dict, bank: FeatureBank, durations: list[float], unit_ids: list[list[int]],
+                  shard: Shard = SINGLE, first: bool = True):
+    """``apply_ensemble`` as (jobs, assemble): each job aligns the rows with one stored model (independent of the
+    others: any thread may run it), ``assemble(their results, in order)`` gives the ``Ensemble``."""
+    members = [config_from_state(m) for m in state["members"]]
+    floor = state["sd_floor_ms"] / 1000.0
+    alive, rows, first_rows = None, [], set()  # the rows the previous round aligned (any member); this round's,
+    for r in range(state["rounds"]):  # member by member; the first member's in the first round
+        rows = []
+        for m in members:
+            ok = set(fits_states(bank[m], unit_ids, m.states))
+            if r == 0 and state["flat"]:
+                ok = {i for i in ok if durations[i] <= m.flat_start_max_s}
+            rows.append(ok if alive is None else ok & alive)
+        if r == 0:
+            first_rows = rows[0]
+        alive = set().union(*rows)
+    jobs, kinds = [], []
+    if first and state["first"] is not None:
+        fit = HMMFit.from_state(state["first"])
+        jobs.append(lambda: apply_fit(fit, bank[members[0]], durations, unit_ids, first_rows, shard, keep_sd=True))
+        kinds.append("first")
+    for k, (m, fs) in enumerate(zip(members, state["last"])):
+        if fs is not None:
+            fit_k = HMMFit.from_state(fs)
+            jobs.append(lambda f=fit_k, m=m, k=k: apply_fit(f, bank[m], durations, unit_ids, rows[k], shard,
+                                                           row_fit=k == 0, keep_sd=True))
+            kinds.append(k)
+
+    def assemble(results: list) -> Ensemble:
+        got = dict(zip(kinds, results))
+        first_ends, first_prec = None, None
+        if "first" in got:
+            first_ends, st = got["first"]
+            first_prec = _precisions([st.get("boundary_sd")], floor)
+        sets, sds, row_fit = [], [], [None] * len(durations)
+        for k in range(len(members)):
+            if k not in got:  # a member that aligned no row in its training
+                sets.append([None] * len(durations))
+                sds.append(None)
+                continue
+            e, st = got[k]
+            sets.append(e)
+            sds.append(st.get("boundary_sd"))
+            if k == 0:
+                row_fit = st.get("row_fit", row_fit)
+        ends = mean_ends(sets) if state["ensemble_weights"] == "mean" or None in sds else \
+            precision_mean_ends(sets, sds, floor)
+        stats = {"members": len(members), "rounds": state["rounds"], "applied": True}
+        return Ensemble(ends, first_ends, row_fit, stats, _precisions(sds, floor), first_prec)
+
+    return jobs, assemble
 
 
 def _precisions(sds: list, floor_s: float) -> list | None:

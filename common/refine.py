@@ -247,11 +247,11 @@ def realign(model: FrameClassifier, feats: list[torch.Tensor], unit_ids: list[li
             lengths.append(T)
         frames = mas_frames(scores, lengths)
         for b, i in enumerate(idx):
-            fr = frames[b]
-            post = logp[b, : lengths[b]].exp().numpy()
-            starts = np.concatenate([[0], np.cumsum(fr)[:-1]])
-            done[i] = (fr, np.array([post[s : s + n, u].mean() if n else 0.0
-                                     for s, n, u in zip(starts, fr, unit_ids[i])]))
+            fr = np.asarray(frames[b], dtype=np.int64)
+            unit = np.repeat(np.arange(len(fr)), fr)  # each frame's unit (the MAS path covers every frame)
+            ids = torch.as_tensor(np.asarray(unit_ids[i], dtype=np.int64)[unit])
+            post = logp[b, torch.arange(len(unit)), ids].exp().double().numpy()  # each frame's own unit's posterior
+            done[i] = (fr, np.bincount(unit, weights=post, minlength=len(fr)) / np.maximum(fr, 1))
     done = shard.gather(done)
     return [done[i][0] for i in range(len(feats))], [done[i][1] for i in range(len(feats))]
 
@@ -270,7 +270,7 @@ def classifier_features(load_wav, n_utts: int, cfg: RefineConfig) -> tuple[list[
 def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[np.ndarray], n_tokens: int,
            cfg: RefineConfig, device: str = "cpu", log=None, fixed_ends_s: dict[int, np.ndarray] | None = None,
            timing: dict | None = None, shard: Shard = SINGLE, class_names: list[str] | None = None,
-           features_out: list | None = None, features: tuple | None = None
+           features_out: list | None = None, features: tuple | None = None, fit_out: dict | None = None
            ) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
     """The whole loop. ``load_wav(i)`` gives utterance ``i``'s waveform at ``cfg.sample_rate`` (read once; only its
     features are kept, in fp16: ~1.2 GB per 10 hours); ``first_ends_s[i]`` the end time (s) of each of its
@@ -280,7 +280,8 @@ def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[
     ``cfg.phone_features`` (``common.phonology``). Returns (per-unit frame counts at ``cfg.hop_ms``, per-unit
     confidence = mean classifier posterior over its frames, stats); wall-clock seconds go to ``timing``.
     ``features_out``: a list that receives every utterance's features (for ``common.boundary_detector``);
-    ``features``: ``classifier_features``' result when the caller read the audio already."""
+    ``features``: ``classifier_features``' result when the caller read the audio already; ``fit_out``: a dict
+    that receives the trained classifier (``classifier_state``; ``apply_classifier`` aligns other rows with it)."""
     if cfg.precision not in REFINE_PRECISIONS:
         raise ValueError(f"precision must be {' or '.join(REFINE_PRECISIONS)}, got {cfg.precision!r}")
     torch.manual_seed(cfg.seed)
@@ -336,12 +337,85 @@ def refine(load_wav, n_utts: int, unit_ids: list[list[int]], first_ends_s: list[
             break
     if timing is not None:
         timing["refine_classifier_s"] = round(time.time() - t0, 2)
+    if fit_out is not None:
+        fit_out.update(classifier_state(model, priors))
     return counts, confs, stats
+
+
+def classifier_state(model: FrameClassifier, priors: torch.Tensor) -> dict:
+    """A trained classifier as plain types and tensors: its shape, weights and the log priors it aligns with."""
+    blocks = [b[0] for b in model.blocks]
+    return {"args": {"n_tokens": model.out.out_channels, "n_mels": model.inp[0].in_channels,
+                     "channels": model.out.in_channels, "dilations": [b.dilation[0] for b in blocks],
+                     "kernel": model.inp[0].kernel_size[0]},
+            "state": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "priors": priors}
+
+
+def apply_classifier(state: dict, feats: list[torch.Tensor], unit_ids: list[list[int]], cfg: RefineConfig,
+                     device: str = "cpu", shard: Shard = SINGLE) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``realign`` with a trained classifier (``classifier_state``): what its last round gives its own rows."""
+    feats_of = state["state"].get("unit_feats")
+    model = FrameClassifier(**state["args"], unit_feats=None if feats_of is None else feats_of.numpy()).to(device)
+    model.load_state_dict(state["state"])
+    model.eval()
+    return realign(model, feats, unit_ids, cfg, state["priors"], device, shard)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # The export's refinement: the frame classifier, then two HMM-GMMs, fused
 # --------------------------------------------------------------------------------------------------------------------
+class Helper:
+    """A second thread that joins a list of independent jobs once the caller ``open()``s it (its own other work,
+    e.g. the export's first pass, is done): ``run(jobs)`` runs them in the calling thread and, once open, in the
+    helper too, whichever is free taking the next; each job runs on one thread wherever it runs, so the results
+    (in job order) are the same as one after the other. ``close()`` when done."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._gate = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refine-helper")
+
+    def open(self) -> None:
+        self._gate.set()
+
+    def close(self) -> None:
+        self._gate.set()
+        self._pool.shutdown(wait=True)
+
+    def run(self, jobs: list) -> list:
+        results: list = [None] * len(jobs)
+        todo, errors = list(range(len(jobs))), []
+        cond = threading.Condition()
+        state = {"running": 0}
+
+        def work(helper: bool) -> None:
+            if helper:
+                self._gate.wait()
+                set_threads(1)
+            while True:
+                with cond:
+                    if not todo or errors:
+                        return
+                    i = todo.pop(0)
+                    state["running"] += 1
+                try:
+                    results[i] = jobs[i]()
+                except BaseException as err:  # noqa: BLE001 - handed to the caller below
+                    errors.append(err)
+                finally:
+                    with cond:
+                        state["running"] -= 1
+                        cond.notify_all()
+
+        self._pool.submit(work, True)
+        work(False)
+        with cond:  # the jobs the helper took are finished (a helper still waiting for the gate took none)
+            cond.wait_for(lambda: state["running"] == 0)
+        if errors:
+            raise errors[0]
+        return results
+
 FUSION_GRID_S = 0.001  # fused boundaries are kept on a 1 ms grid
 FUSIONS = ("mean", "median", "gated")
 HMM_INITS = ("classifier", "first_pass")  # what the HMM-GMM that is not flat-started is trained from
@@ -408,17 +482,21 @@ def cap_final_phone(units: list[list[str]], ends: list[np.ndarray], k: float, si
     return changed
 
 
-def _hmm_units(unit_ids: list[list[int]], n_tokens: int, hmm, class_names: list[str] | None):
-    """The HMM-GMMs' unit ids (``hmm.tie_min_count``: rare units tied to a frequent similar one) and config (the
-    context class of every unit when a variant is context-dependent), and stats."""
+def _hmm_units(unit_ids: list[list[int]], n_tokens: int, hmm, class_names: list[str] | None, tied=None):
+    """The HMM-GMMs' unit ids (``hmm.tie_min_count``: rare units tied to a frequent similar one; ``tied``: the
+    tying of a stored fit, else worked out from these rows) and config (the context class of every unit when a
+    variant is context-dependent), stats and the tying (None without)."""
     hmm_ids, stats = unit_ids, {}
     if hmm.tie_min_count > 0:  # rare units share the GMMs of a frequent unit with similar features
         if class_names is None:
             raise ValueError("tie_min_count needs the token name of every class (class_names)")
         from common.phonology import tie_units
 
-        occ = np.bincount(np.concatenate([np.asarray(u, dtype=np.int64) for u in unit_ids]), minlength=n_tokens)
-        tied = tie_units(class_names, occ, hmm.tie_min_count)
+        if tied is None:
+            occ = np.bincount(np.concatenate([np.asarray(u, dtype=np.int64) for u in unit_ids]),
+                              minlength=n_tokens)
+            tied = tie_units(class_names, occ, hmm.tie_min_count)
+        tied = np.asarray(tied, dtype=np.int64)
         hmm_ids = [tied[np.asarray(u, dtype=np.int64)].tolist() for u in unit_ids]
         stats["hmm_tied_units"] = int((tied != np.arange(n_tokens)).sum())
     if any(c.context_min_count > 0 for c in hmm.variant_configs()) and not hmm.unit_classes:
@@ -427,7 +505,7 @@ def _hmm_units(unit_ids: list[list[int]], n_tokens: int, hmm, class_names: list[
         from common.phonology import context_class
 
         hmm = dataclasses.replace(hmm, unit_classes=tuple(context_class(t) for t in class_names))
-    return hmm_ids, hmm, stats
+    return hmm_ids, hmm, stats, tied
 
 
 def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]], first_ends_s: list[np.ndarray],
@@ -437,7 +515,8 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
                       shard: Shard = SINGLE, fusion: str = "mean", first_pass_weight: float = 0.0,
                       class_names: list[str] | None = None, hmm_init: str = "classifier", gate_s: float = 0.04,
                       flat_single: bool = False, closure=None, fusion_precision: bool = False,
-                      detector=None, concurrent: bool = True
+                      detector=None, concurrent: bool = True, fitted: dict | None = None,
+                      fit_out: dict | None = None, helper: Helper | None = None
                       ) -> tuple[list[np.ndarray], float, list[np.ndarray], dict, dict[str, list]]:
     """Refine every utterance's first-pass boundaries: ``refine`` (the frame classifier; skipped when
     ``cfg.rounds`` is 0: the HMM-GMMs then start from the first pass); then, when ``hmm_weight`` > 0, two HMM-GMM
@@ -462,8 +541,14 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
     per stage go to ``timing``. Under ``shard`` (a torchrun export) the classifier and the HMM-GMMs are trained by
     rank 0 and shared, and each process aligns its share of the batches. ``concurrent`` (one process only): the
     HMM-GMMs that do not start from the classifier train in worker threads while it trains (the same results as
-    one after the other on the same thread counts; ``start`` below shares out the cores)."""
-    from common.hmm import FLAT_START_SCHEDULE, FeatureBank, hmm_ensemble
+    one after the other on the same thread counts; ``start`` below shares out the cores).
+
+    ``fit_out``: a dict that receives every trained model (the classifier, each HMM-GMM ensemble, the detector:
+    plain types and tensors, for ``torch.save``). ``fitted``: such a dict, trained before with the same settings
+    (on this corpus or another): nothing is trained, each model aligns these rows as it aligned its own, and the
+    same fusion follows. On the rows it was trained on, that gives the boundaries the training gave. ``helper``
+    (``Helper``; with ``fitted``, not ``concurrent``): the stored HMM-GMMs' jobs are shared with it."""
+    from common.hmm import FLAT_START_SCHEDULE, FeatureBank, apply_ensemble, ensemble_jobs, hmm_ensemble
     from common.landmarks import energy_envelope, snap_closures
 
     timing = {} if timing is None else timing
@@ -497,21 +582,39 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
     from_first = ("from_first_pass", list(first_ends_s), tuple(hmm.schedule) if use_hmm else ())
     units_lock, units_box = threading.Lock(), []
 
+    if fitted is not None and fixed_ends_s:
+        raise ValueError("hand-checked rows train the refiner: they need a refiner fitted here, not a stored one")
+    if fitted is not None and use_det and fitted.get("detector") is None:
+        raise ValueError("the stored refiner has no boundary detector: it was fitted with other settings")
+    if fitted is not None and use_hmm and not fitted.get("hmm"):
+        raise ValueError("the stored refiner has no HMM-GMMs: it was fitted with other settings")
+    if fitted is not None and cfg.rounds > 0 and fitted.get("classifier") is None:
+        raise ValueError("the stored refiner has no frame classifier: it was fitted with other settings")
+    hmm_store = None if fit_out is None or not use_hmm else fit_out.setdefault("hmm", {})
+
     def hmm_units():
         """``_hmm_units``, worked out once by whichever job needs it first (the tying reads PanPhon's table: ~2 s
         that run beside the classifier)."""
         with units_lock:
             if not units_box:
-                units_box.append(_hmm_units(unit_ids, n_tokens, hmm, class_names))
+                units_box.append(_hmm_units(unit_ids, n_tokens, hmm, class_names,
+                                            None if fitted is None else fitted["hmm"]["tied"]))
+                if hmm_store is not None:
+                    hmm_store["tied"] = None if units_box[0][3] is None else units_box[0][3].tolist()
         return units_box[0]
 
     def ensemble(name: str, init, sched, n_threads: int = 0):
         if n_threads:  # a worker thread's own thread counts
             set_threads(n_threads)
         t = {}
-        hmm_ids, cfg_u, _ = hmm_units()
+        hmm_ids, cfg_u, _, _ = hmm_units()
+        if fitted is not None:  # the stored models align these rows
+            ens = apply_ensemble(fitted["hmm"][name], bank, durations, hmm_ids, shard,
+                                 first=name == "flat_start" and flat_single, timing=t)
+            return name, ens, t.get("seconds")
+        got = None if hmm_store is None else hmm_store.setdefault(name, {})
         ens = hmm_ensemble(bank, durations, hmm_ids, init, n_tokens, dataclasses.replace(cfg_u, schedule=sched),
-                           cfg_u.schedule, log, t, shard)
+                           cfg_u.schedule, log, t, shard, got)
         return name, ens, t.get("seconds")
 
     # the HMM-GMMs that do not start from the classifier train while it trains (worker threads of one process:
@@ -519,6 +622,7 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
     # every rank, so there they run one after the other
     together = concurrent and use_hmm and shard.world == 1
     pending, pool, threads, previous = [], None, torch.get_num_threads(), None
+    applied: dict = {}  # stored ensembles this thread applied beside the workers
 
     def start(jobs: list, main_busy: bool):
         """Run ``jobs`` in worker threads. The cores are shared out once, the same way on every run (torch's
@@ -543,10 +647,40 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
                 t = time.time()
                 feats_c = classifier_features(load, len(durations), cfg)
                 timing["refine_features_s"] = round(time.time() - t, 2)
-                start([flat] + ([from_first] if hmm_init == "first_pass" else []), device == "cpu")
-            counts, confs, stats = refine(load, len(durations), unit_ids, first_ends_s, n_tokens, cfg, device, log,
-                                          fixed_ends_s, timing, shard, class_names,
-                                          det_feats if use_det else None, feats_c)
+                # stored models need no alignment to start from: the flat-start one aligns in the worker while
+                # this thread runs the classifier and then the other one, each on the thread counts it trained on
+                start([flat] + ([from_first] if hmm_init == "first_pass" and fitted is None else []),
+                      device == "cpu")
+            if fitted is not None:  # the stored classifier aligns these rows
+                if feats_c is None:
+                    t = time.time()
+                    feats_c = classifier_features(load, len(durations), cfg)
+                    timing["refine_features_s"] = round(time.time() - t, 2)
+                t = time.time()
+                if use_det:
+                    det_feats.extend(feats_c[0])
+                counts, confs = apply_classifier(fitted["classifier"], feats_c[0], unit_ids, cfg, device, shard)
+                stats = {"applied": True}
+                timing["refine_classifier_s"] = round(time.time() - t, 2)
+                init_name = "from_classifier" if hmm_init == "classifier" else "from_first_pass"
+                if pending and use_hmm:
+                    applied[init_name] = ensemble(init_name, None, ())[1:]
+                elif helper is not None and use_hmm:  # every stored HMM-GMM's job, shared with the helper
+                    t = time.time()
+                    hmm_ids = hmm_units()[0]
+                    parts = {n: ensemble_jobs(fitted["hmm"][n], bank, durations, hmm_ids, shard,
+                                              first=n == "flat_start" and flat_single)
+                             for n in (init_name, "flat_start")}
+                    results = helper.run([j for jobs, _ in parts.values() for j in jobs])
+                    for n, (jobs, assemble) in parts.items():
+                        applied[n] = (assemble(results[:len(jobs)]), None)
+                        results = results[len(jobs):]
+                    timing["hmm_applied_s"] = round(time.time() - t, 2)
+            else:
+                counts, confs, stats = refine(load, len(durations), unit_ids, first_ends_s, n_tokens, cfg, device,
+                                              log, fixed_ends_s, timing, shard, class_names,
+                                              det_feats if use_det else None, feats_c,
+                                              None if fit_out is None else fit_out.setdefault("classifier", {}))
             hop_s = cfg.hop_ms / 1000.0
             ends = [F.frame_ends_seconds(c, hop_s, t) for c, t in zip(counts, durations)]
             named["classifier"] = ends
@@ -574,13 +708,15 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
     stats["hmm"] = {}
     init_job = ("from_classifier", ends, tuple(hmm.schedule)) if hmm_init == "classifier" and cfg.rounds > 0 \
         else from_first
-    done = {name: (ens, sec) for name, ens, sec in (f.result() for f in pending)}
+    done = {name: (ens, sec) for name, ens, sec in (f.result() for f in pending)} | applied
     members = [(weight, ends), (first_pass_weight, list(first_ends_s))]
     fits, hmm_members, precisions = [], [], []
     for job in (init_job, flat):
         name = job[0]
         ens, sec = done[name] if name in done else ensemble(*job)[1:]
-        stats["hmm"][name], timing[f"hmm_{name}_s"] = ens.stats, sec
+        stats["hmm"][name] = ens.stats
+        if sec is not None:
+            timing[f"hmm_{name}_s"] = sec
         fits.append(ens.row_fit)
         hmm_members.append((f"hmm_{name}", ens.ends))
         precisions.append(ens.precision)
@@ -628,10 +764,16 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
             targets[i] = np.asarray(e, dtype=np.float64)
         classes = [kind[np.asarray(u, dtype=np.int64)] for u in unit_ids]
         hop_s, losses = cfg.hop_ms / 1000.0, []
-        if shard.main:  # trained once (rank 0), then shared, as the classifier
+        if fitted is not None:  # the stored detector
+            model = BoundaryDetector(len(CONTEXT_CLASSES), det_feats[0].shape[1], detector.channels).to(device)
+            model.load_state_dict(fitted["detector"])
+            model.eval()
+        elif shard.main:  # trained once (rank 0), then shared, as the classifier
             model, losses = train_detector(det_feats, classes, targets, len(CONTEXT_CLASSES), hop_s, detector,
                                            device, log)
-        if shard.world > 1:
+            if fit_out is not None:
+                fit_out["detector"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if shard.world > 1 and fitted is None:
             state, losses = shard.broadcast(({k: v.cpu() for k, v in model.state_dict().items()}, losses)
                                             if shard.main else None)
             if not shard.main:

@@ -288,14 +288,22 @@ def test_two_exports_are_byte_identical_and_record_what_made_them(corpus_copy):
     assert timing["realtime_factor"] > 0 and timing["first_pass_s"] > 0 and timing["refine_classifier_s"] > 0
 
 
-@pytest.mark.parametrize("refine", [True, False])
+@pytest.mark.parametrize("refine", ["trained", "stored", "off"])
 def test_two_process_export_writes_the_files_of_one_process(corpus_copy, tmp_path, refine):
     """torchrun --nproc_per_node 2 (gloo): each process aligns whole batches of one plan, the refiner and the
-    HMM-GMMs are trained once and shared, rank 0 writes; every file equals a one-process export's."""
+    HMM-GMMs are trained once and shared (or, stored, read by each process), rank 0 writes; every file equals a
+    one-process export's."""
     corpus, model = corpus_copy
     args = ["--no_mels", "--textgrid", "--overwrite", "--batch_seconds", "8", "--refine_rounds", "2", "--device",
-            "cpu", *([] if refine else ["--no_refine"])]
+            "cpu", *(["--no_refine"] if refine == "off" else [])]
+    if refine == "stored":
+        shutil.copytree(model, tmp_path / "run")
+        model = tmp_path / "run"
+        export(corpus, model, *args, "--fit_refiner")
     export(corpus, model, *args)
+    source = json.loads((corpus / "durations" / "export_report.json").read_text())["refine"]
+    assert refine == "off" and source is None or source["refiner"]["source"].startswith(
+        "stored" if refine == "stored" else "trained here")
     single = _outputs(corpus)
     r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", EXPORT,
              "--corpus", corpus, "--model_dir", model, "--no_progress", *args], timeout=600)
@@ -326,3 +334,47 @@ def test_a_moved_run_folder_needs_nothing_else(corpus_copy, tmp_path):
         assert "phone-LM" in r.stdout and (moved / "decode.jsonl").is_file()
     finally:
         hidden.rename(man)
+
+
+def test_a_stored_refiner_aligns_as_the_one_trained_here_and_only_with_its_settings(corpus_copy, tmp_path):
+    """--fit_refiner trains the refiner on the corpus and saves RUN/refiner.pt (no durations written); an export
+    with the same refiner settings aligns with it (nothing trained) and writes the files an export that trains it
+    writes; other settings train it here with the reason in the report; a file named by --refiner_model must
+    match, and a broken one is a one-line error."""
+    corpus, model = corpus_copy
+    run_dir = tmp_path / "run"
+    shutil.copytree(model, run_dir)
+    args = ["--no_mels", "--textgrid", "--overwrite", "--refine_rounds", "2", "--device", "cpu"]
+    export(corpus, run_dir, *args, "--refiner_model", "fit")
+    trained = _outputs(corpus)
+    shutil.rmtree(corpus / "durations")
+    r = export(corpus, run_dir, *[a for a in args if a != "--no_mels"], "--fit_refiner")  # no mels/ needed
+    assert f"refiner: trained on {len(rows(corpus))} rows" in r.stdout and not (corpus / "durations").exists()
+    stored = torch.load(run_dir / "refiner.pt", weights_only=True)
+    assert stored["rows"] == len(rows(corpus)) and stored["settings"]["refine_rounds"] == 2
+    assert set(stored["models"]) == {"classifier", "hmm", "detector"}
+    export(corpus, run_dir, *args)
+    rep = json.loads((corpus / "durations" / "export_report.json").read_text())
+    assert rep["refine"]["refiner"] == {"source": "stored", "file": str(run_dir / "refiner.pt"),
+                                        "fitted_on": str(corpus), "fitted_rows": len(rows(corpus))}
+    timing = json.loads((corpus / "durations" / "export_timing.json").read_text())
+    assert timing["refine_features_s"] > 0 and timing["refine_classifier_s"] > 0 and timing["hmm_applied_s"] > 0
+    applied = _outputs(corpus)
+    report = Path("durations") / "export_report.json"
+    assert applied.keys() == trained.keys()
+    assert [str(k) for k in trained if k != report and trained[k] != applied[k]] == []
+    # other refiner settings: trained here, and the report says why
+    export(corpus, run_dir, "--no_mels", "--overwrite", "--refine_rounds", "1", "--device", "cpu")
+    rep = json.loads((corpus / "durations" / "export_report.json").read_text())
+    assert rep["refine"]["refiner"]["source"].startswith("trained here") and "--refine_rounds" in \
+        rep["refine"]["refiner"]["source"] and len(rep["refine"]["rounds"]) == 1
+    # a file named must match (one-line errors, nothing written)
+    r = export(corpus, run_dir, "--no_mels", "--overwrite", "--refine_rounds", "1", "--refiner_model",
+               run_dir / "refiner.pt", check=False)
+    one_line_error(r, "refiner.pt", "--refine_rounds", "--fit_refiner")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    one_line_error(export(corpus, run_dir, "--no_mels", "--refiner_model", bad, check=False), "bad.pt",
+                   "not a refiner file")
+    one_line_error(export(corpus, run_dir, "--no_mels", "--refiner_model", tmp_path / "none.pt", check=False),
+                   "none.pt", "not found")
