@@ -7,10 +7,9 @@ Runs ``common.export.export_corpus`` (audio load, features, model, CTC anchoring
 on the corpus, in-process after one warm-up run (imports, numba compilation; each timed run loads the model), and prints
 real-time factors for the configurations that matter: CTC scores (no attention decoder), joint scores (the
 decoder runs too), batch sizes, fp32 against ``--precision auto`` (bf16 where the CPU/GPU has it; all first pass
-only, ``--no_refine``), the refinement trained during the export (``--refiner_model fit``: the neural one alone,
-``--hmm_weight 0``, and with the HMM-GMMs and the detector) and the default: the refiner the pipeline's train stage
-stores (``--fit_refiner``, trained once here before the timed runs) aligning the corpus beside the first pass.
-The baseline in the same run is the per-utterance loop (``--batch_seconds`` of one
+only, ``--no_refine``), the neural refinement alone
+(``--hmm_weight 0``: it trains a frame classifier on the corpus) and the default (the refinement plus the two
+HMM-GMM passes: the accuracy mode). The baseline in the same run is the per-utterance loop (``--batch_seconds`` of one
 utterance, fp32), so the ratio shows what batching and bf16 buy on this machine; the header names the precision
 ``auto`` resolved to.
 """
@@ -29,15 +28,15 @@ sys.path.insert(0, str(ROOT))
 from common.export import export_corpus, load_options  # noqa: E402
 
 
-def run(corpus: Path, model: Path, device: str, fit: bool = False, **kw) -> dict:
+def run(corpus: Path, model: Path, device: str, **kw) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "corpus"
         shutil.copytree(corpus, work, ignore=shutil.ignore_patterns("durations", "textgrids", "mels"))
         t = time.time()
         rep = export_corpus(load_options(dict(corpus=work, model_dir=model, device=device, no_mels=True,
-                                              progress=False, **kw)), fit_refiner=fit)
+                                              progress=False, **kw)))
         rep["wall"] = time.time() - t
-        rep["audio_seconds"] = rep["timing"].get("audio_seconds")
+        rep["audio_seconds"] = rep["timing"]["audio_seconds"]
         return rep
 
 
@@ -52,13 +51,6 @@ def main() -> int:
     run(a.corpus, a.model_dir, a.device, limit=min(a.limit or 8, 8))  # warm-up: imports, numba compile
     first = dict(refine=False)
     fp32 = dict(precision="fp32")
-    # the refiner the pipeline's train stage stores (--fit_refiner), trained here on this corpus once, untimed
-    stored_dir = tempfile.TemporaryDirectory()
-    stored = Path(stored_dir.name) / "refiner.pt"
-    run(a.corpus, a.model_dir, a.device, fit=True, limit=a.limit, batch_seconds=200.0, scores="joint",
-        refiner_model=str(stored))
-    run(a.corpus, a.model_dir, a.device, limit=min(a.limit or 8, 8), refiner_model=str(stored))  # its warm-up
-    trained = dict(batch_seconds=200.0, scores="joint", refiner_model="fit")
     configs = [("per-utterance, ctc, fp32 (baseline)", dict(batch_seconds=1e-3, scores="ctc", **first, **fp32)),
                ("batched 200 s, ctc, fp32", dict(batch_seconds=200.0, scores="ctc", **first, **fp32)),
                ("batched 30 s, ctc", dict(batch_seconds=30.0, scores="ctc", **first)),
@@ -66,10 +58,8 @@ def main() -> int:
                ("batched 600 s, ctc", dict(batch_seconds=600.0, scores="ctc", **first)),
                ("batched 200 s, joint, fp32", dict(batch_seconds=200.0, scores="joint", **first, **fp32)),
                ("batched 200 s, joint (--no_refine)", dict(batch_seconds=200.0, scores="joint", **first)),
-               ("joint + neural refinement only, trained here", dict(hmm_weight=0.0, **trained)),
-               ("joint + refinement + HMM-GMMs, trained here", trained),
-               ("default: joint + the stored refiner", dict(batch_seconds=200.0, scores="joint",
-                                                           refiner_model=str(stored)))]
+               ("joint + neural refinement only", dict(batch_seconds=200.0, scores="joint", hmm_weight=0.0)),
+               ("joint + refinement + HMM-GMMs (default)", dict(batch_seconds=200.0, scores="joint"))]
     base = None
     from common.export import resolve_precision
     print(f"device {a.device}; --precision auto -> {resolve_precision('auto', a.device)}")

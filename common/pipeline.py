@@ -2,9 +2,6 @@
 
     0 manifests  data_prep/make_manifests.py --corpus CORPUS --out WORK/manifests [prep args]
     1 train      recipes/train.py hparams/phoneme.yaml --data_folder WORK/manifests --output_folder WORK/model [...]
-                 then align/export_durations.py --corpus CORPUS --model_dir WORK/model --fit_refiner [export args]
-                 (the boundary refiner trained on the corpus, WORK/model/refiner.pt; skipped when the export
-                 args turn refinement off or train it at export time)
     2 decode     recipes/decode.py hparams/phoneme.yaml --model_dir WORK/model --test_csv WORK/manifests/test.csv [...]
     3 export     align/export_durations.py --corpus CORPUS --model_dir WORK/model [export args]
     4 evaluate   align/evaluate.py --reference REF --durations CORPUS/durations --out WORK/boundary_report.json
@@ -41,7 +38,6 @@ class Pipeline:
     hparams: Path = ROOT / "hparams" / "phoneme.yaml"
     python: str = sys.executable
     quiet: bool = False  # capture each stage's output (shown only when it fails)
-    seconds: dict = field(default_factory=dict)  # wall-clock seconds of each command run (train, refiner, ...)
 
     @property
     def manifests(self) -> Path:
@@ -63,8 +59,6 @@ class Pipeline:
                       *self.train],
             "decode": [py, ROOT / "recipes/decode.py", self.hparams, "--model_dir", w, "--test_csv", m / "test.csv",
                        *self.decode],
-            "refiner": [py, ROOT / "align/export_durations.py", "--corpus", c, "--model_dir", w, "--fit_refiner",
-                        *self.export],
             "export": [py, ROOT / "align/export_durations.py", "--corpus", c, "--model_dir", w, *self.export],
             "evaluate": [py, ROOT / "align/evaluate.py", "--reference", self.reference, "--durations",
                          c / "durations", "--out", self.boundary_report, "--plot", self.work / "boundary_errors.png"],
@@ -75,40 +69,19 @@ class Pipeline:
         """The stage's output is there (it would be skipped)."""
         return {"manifests": (self.manifests / "tokens.txt").is_file(),
                 "train": (self.model / "metrics.json").is_file(),
-                "refiner": (self.model / "refiner.pt").is_file(),
                 "decode": (self.model / "decode.jsonl").is_file(),
                 "export": (self.corpus / "durations" / "export_report.json").is_file(),
                 "evaluate": self.boundary_report.is_file()}[stage]
 
-    def fits_refiner(self) -> bool:
-        """The train stage also trains the export's boundary refiner: the export args leave refinement on and do
-        not ask for it to be trained at export time (``--refiner_model fit``)."""
-        from common import config
-        from common.export import DEFAULT_YAML
-
-        opts = config.read_options(DEFAULT_YAML)
-        given = config.parse_overrides([a for a in self.export if a != "--fit_refiner"], opts)
-        refine = given.get("refine", opts["refine"].default)
-        return bool(refine) and str(given.get("refiner_model", opts["refiner_model"].default)) != "fit"
-
     def run_stage(self, stage: str, force: bool = False) -> float | None:
-        """Run one stage (None when skipped); returns its wall-clock seconds (the train stage's: the recognizer's
-        and the refiner's; each is in ``seconds``). A failing stage is a ``UserError`` naming it and its command
-        (its own message is above it, or in the captured output)."""
+        """Run one stage (None when skipped); returns its wall-clock seconds. A failing stage is a ``UserError``
+        naming it and its command (its own message is above it, or in the captured output)."""
         if stage == "evaluate" and self.reference is None:
             return None
-        spent = self._step(stage, stage, force)
-        if stage == "train" and self.fits_refiner():
-            more = self._step("refiner", "train", force)
-            spent = more if spent is None else spent + (more or 0.0)
-        return spent
-
-    def _step(self, step: str, stage: str, force: bool) -> float | None:
-        if not force and self.done(step):
-            print(f"[pipeline] stage {STAGES.index(stage)} {stage}: {step + ' ' if step != stage else ''}already "
-                  "done, skipped", flush=True)
+        if not force and self.done(stage):
+            print(f"[pipeline] stage {STAGES.index(stage)} {stage}: already done, skipped", flush=True)
             return None
-        cmd = self.command(step)
+        cmd = self.command(stage)
         print(f"[pipeline] stage {STAGES.index(stage)} {stage}: {' '.join(cmd)}", flush=True)
         t = time.time()
         r = subprocess.run(cmd, cwd=ROOT, capture_output=self.quiet, text=True)
@@ -116,7 +89,6 @@ class Pipeline:
             if self.quiet:
                 sys.stderr.write((r.stdout or "")[-4000:] + (r.stderr or "")[-4000:])
             raise UserError(f"stage {stage} failed (exit {r.returncode}): {' '.join(cmd)}")
-        self.seconds[step] = round(time.time() - t, 1)
         return time.time() - t
 
     def run(self, first: int = 0, last: int = len(STAGES) - 1, force: bool = False) -> dict[str, float]:

@@ -4,9 +4,8 @@
     python recipes/pipeline.py --corpus DIR --work DIR [--stage 0] [--stop_stage 4] [--force]
         [--prep "ARGS"] [--train "ARGS"] [--decode "ARGS"] [--export "ARGS"] [--reference phones.tsv]
 
-Stages (common/pipeline.py): 0 manifests (WORK/manifests), 1 train (WORK/model: the recognizer, then the export's
-boundary refiner, WORK/model/refiner.pt), 2 decode (PER of the test split), 3 export (DIR/durations), 4 evaluate
-(WORK/boundary_report.json; needs --reference). A stage whose output exists is
+Stages (common/pipeline.py): 0 manifests (WORK/manifests), 1 train (WORK/model), 2 decode (PER of the test split),
+3 export (DIR/durations), 4 evaluate (WORK/boundary_report.json; needs --reference). A stage whose output exists is
 skipped unless --force. The quoted ARGS go to that stage's own command line, e.g.
 ``--train "--number_of_epochs 10"`` or ``--export "--textgrid --device cpu"``.
 """

@@ -94,13 +94,6 @@ def test_pipeline_stage_commands(tmp_path):
     assert cmds["manifests"][-2:] == ["--phones_tsv", "x.tsv"] and str(p.manifests) in cmds["manifests"]
     assert cmds["train"][2].endswith("phoneme.yaml") and str(p.model) in cmds["train"]
     assert cmds["export"][-1] == "--no_mels" and str(p.model) in cmds["export"]
-    # the train stage also trains the export's refiner, with the export's arguments, unless they turn it off
-    refiner = p.command("refiner")
-    assert refiner[-2:] == ["--fit_refiner", "--no_mels"] and refiner[:-2] == cmds["export"][:-1]
-    assert p.fits_refiner() and not p.done("refiner")
-    for off in (["--no_refine"], ["--refine", "False"], ["--refiner_model", "fit"]):
-        assert not Pipeline(tmp_path / "c", tmp_path / "w", export=off).fits_refiner(), off
-    assert Pipeline(tmp_path / "c", tmp_path / "w", export=["--refiner_model", "auto"]).fits_refiner()
     assert not any(p.done(s) for s in STAGES)
     with pytest.raises(UserError, match="corpus folder not found"):
         p.run()
