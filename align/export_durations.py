@@ -14,9 +14,9 @@ processes (gloo on CPU, nccl on CUDA: one GPU each) and writes the same files as
     python align/export_durations.py [hparams/export.yaml] --corpus DIR --model_dir RUN --fit_refiner [--key value ...]
 
 trains the boundary refiner (the frame classifier, the HMM-GMMs, the boundary detector) on the corpus and saves it to
-``RUN/refiner.pt`` (or ``--refiner_model FILE``) without writing durations; later exports with the same refiner
-settings align with it instead of training it (``--refiner_model auto``), several times faster. The pipeline's
-train stage runs it.
+``DIR/durations/refiner.ckpt`` (or ``--refiner_model FILE``) without writing durations. Every export that trains the
+refiner saves it there too; a later export of the corpus with the same refiner settings and checkpoint aligns with
+it instead of training it (``--refiner_model auto``), ~5x faster, writing the same files.
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ Configuration: ``hparams/export.yaml`` (every knob once, with its default; ``loa
 into an ``ExportOptions``). Per row of ``corpus/metadata.csv`` (an ``Item``): our own features from the audio
 (``mels/`` is only read for its length), the token sequence from the G2P/symbols the model was trained with (its run
 folder's ``phonemes.json``), model scores and MAS (``FirstPass``: one ``Alignment`` per row); then, unless
-``refine`` is off, boundary refinement over the whole corpus (``common.refine.refine_boundaries``); optionally
+``refine`` is off, boundary refinement over the whole corpus (``common.refine.refine_boundaries``: trained on the
+corpus and stored in ``durations/refiner.ckpt``, or aligning with the one stored there, ``Refinement``); optionally
 boundary calibration (``common/calibration.py``: offsets from ``calibration``, or fitted on the ``labelled`` rows,
 which also train the refiner); Matcha frames (``common.durations.export_durations``).
 
@@ -17,6 +18,7 @@ run to run, so two exports of one corpus with the same settings are byte-identic
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -187,7 +189,7 @@ class ExportOptions:
             (0.0 <= self.ctc_weight <= 1.0, f"--ctc_weight must be in [0, 1], got {self.ctc_weight}"),
             (0.0 <= self.hmm_weight <= 1.0, f"--hmm_weight must be in [0, 1], got {self.hmm_weight}"),
             (self.refine_rounds >= 0, f"--refine_rounds must be >= 0, got {self.refine_rounds}"),
-            (bool(str(self.refiner_model)), "--refiner_model must be auto, fit or a refiner.pt file"),
+            (bool(str(self.refiner_model)), "--refiner_model must be auto, fit or a refiner.ckpt file"),
             (self.refine_rounds > 0 or self.hmm_weight > 0,
              "--refine_rounds 0 (no frame classifier) needs the HMM-GMMs: --hmm_weight > 0"),
             (self.hmm_rounds >= 1, f"--hmm_rounds must be >= 1, got {self.hmm_rounds}"),
@@ -271,9 +273,9 @@ def load_options(overrides: dict | None = None, yaml_path: str | Path = DEFAULT_
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The refiner's trained models (refiner.pt)
+# The refiner's trained models (refiner.ckpt)
 # --------------------------------------------------------------------------------------------------------------------
-REFINER_FILE, REFINER_VERSION = "refiner.pt", 1
+REFINER_FILE, REFINER_VERSION = "refiner.ckpt", 1
 REFINER_PREFIXES = ("refine_", "hmm_", "fusion", "closure_", "detector_", "feature_sample_rate")
 NOT_REFINER = ("refine_minutes", "hmm_concurrent")  # scheduling only: they do not change what is trained
 
@@ -285,13 +287,12 @@ def refiner_settings(opts: ExportOptions) -> dict:
             if k.startswith(REFINER_PREFIXES) and k not in NOT_REFINER}
 
 
-def refiner_path(opts: ExportOptions) -> Path | None:
-    """Where ``--refiner_model`` points: the run folder's refiner.pt (auto, fit), or the file named."""
+def refiner_path(opts: ExportOptions) -> Path:
+    """Where ``--refiner_model`` points: the corpus' own CORPUS/durations/refiner.ckpt (auto, fit), or the file
+    named."""
     if opts.refiner_model not in ("auto", "fit"):
         return Path(opts.refiner_model)
-    if opts.styletts2_asr or opts.first_pass != "recognizer":
-        return None
-    return opts.model_dir / REFINER_FILE
+    return opts.corpus / "durations" / REFINER_FILE
 
 
 def _refiner_record(model: LoadedModel) -> str:
@@ -299,22 +300,22 @@ def _refiner_record(model: LoadedModel) -> str:
     return Path(str(model.checkpoint)).name
 
 
-def load_refiner(opts: ExportOptions, model: LoadedModel, vocab, labelled: bool, log) -> tuple[dict | None, dict]:
-    """The stored refiner this export aligns with, or None (then it is trained here), and what the report says of
-    it. ``auto``: MODEL_DIR/refiner.pt when its settings, vocabulary and checkpoint are this export's (else a note
-    says why it is trained here); a file named: it must be, or the error says what differs."""
+def load_refiner(opts: ExportOptions, model: LoadedModel, vocab, labelled: bool) -> tuple[dict | None, str]:
+    """The stored refiner this export aligns with (the file's contents), or None: then it is trained here. And
+    why, in words. ``auto``: CORPUS/durations/refiner.ckpt when its settings, vocabulary and checkpoint are this
+    export's; ``fit``: never; a file named: it must match, or a one-line error says what differs."""
     if opts.refiner_model == "fit":
-        return None, {"source": "trained here (--refiner_model fit)"}
+        return None, "trained here (--refiner_model fit)"
     path, named = refiner_path(opts), opts.refiner_model != "auto"
-    if path is None or not path.is_file():
+    if not path.is_file():
         if named:
             raise UserError(f"--refiner_model {path}: file not found (write one with align/export_durations.py "
                             "--fit_refiner, or use --refiner_model auto)")
-        return None, {"source": "trained here (no stored refiner)"}
+        return None, "trained here (no stored refiner)"
     if labelled:
         if named:
             raise UserError(f"--labelled rows train the refiner: drop --refiner_model {path} (or the labels)")
-        return None, {"source": "trained here (--labelled rows train it)"}
+        return None, "trained here (--labelled rows train it)"
     try:
         stored = torch.load(path, map_location="cpu", weights_only=True)
         ok_file = isinstance(stored, dict) and stored.get("version") == REFINER_VERSION
@@ -335,22 +336,28 @@ def load_refiner(opts: ExportOptions, model: LoadedModel, vocab, labelled: bool,
         msg = f"{path} was fitted with other {', '.join(why[:6])}{' ...' if len(why) > 6 else ''}"
         if named:
             raise UserError(msg + "; fit it again (align/export_durations.py --fit_refiner) or use --refiner_model fit")
-        if log:
-            log(f"{msg}: training the refiner on this corpus instead")
-        return None, {"source": f"trained here ({msg})"}
-    return stored["models"], {"source": "stored", "file": str(path), "fitted_on": stored["corpus"],
-                              "fitted_rows": stored["rows"]}
+        return None, f"trained here ({msg})"
+    return {**stored, "file": str(path)}, "stored"
 
 
-def save_refiner(path: Path, models: dict, opts: ExportOptions, model: LoadedModel, vocab, rows: int,
-                 audio_s: float) -> None:
-    """refiner.pt (atomically): the trained models and what they were fitted with and on."""
+def save_refiner(path: Path, models: dict, stats: dict, opts: ExportOptions, model: LoadedModel, vocab,
+                 rows: int, audio_s: float) -> None:
+    """refiner.ckpt (atomically): the trained models, what they were fitted with and on, and the training's stats
+    (an export that aligns with them reports those, so its report is the one of the export that trained them)."""
     from common.io import atomic_path
 
+    def ordered(x):  # the same bytes for the same models (threads fill the dicts in either order)
+        if isinstance(x, dict):
+            return {k: ordered(x[k]) for k in sorted(x, key=str)}
+        return [ordered(v) for v in x] if isinstance(x, list) else x
+
+    buf = io.BytesIO()  # (saved to a file, torch names the archive's records after the file: a temporary name)
+    torch.save({"version": REFINER_VERSION, "settings": refiner_settings(opts), "tokens": list(vocab.tokens),
+                "checkpoint": _refiner_record(model), "corpus": str(opts.corpus), "rows": rows,
+                "audio_seconds": round(audio_s, 2), "stats": stats, "models": ordered(models)}, buf)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        torch.save({"version": REFINER_VERSION, "settings": refiner_settings(opts), "tokens": list(vocab.tokens),
-                    "checkpoint": _refiner_record(model), "corpus": str(opts.corpus), "rows": rows,
-                    "audio_seconds": round(audio_s, 2), "models": models}, tmp)
+        tmp.write_bytes(buf.getvalue())
 
 
 def cpu_has_bf16() -> bool:
@@ -718,16 +725,14 @@ def export_corpus(opts: ExportOptions, fit_refiner: bool = False) -> dict:
     check_feasible(items, model.scorer, opts.edge_silence)
     report_dir = opts.corpus / "durations"
     align_file = report_dir / ALIGNMENTS_FILE
-    log = (lambda m: print(m, flush=True)) if opts.progress and shard.main else None
-    fitted, refiner_info = None, None
-    if fit_refiner:
-        if not opts.refine:
-            raise UserError("--fit_refiner with --refine False: there is no refiner to train")
-        if refiner_path(opts) is None:
-            raise UserError("--fit_refiner: give --refiner_model FILE (where to save it): this first pass has no "
-                            "run folder")
-    elif opts.refine:
-        fitted, refiner_info = load_refiner(opts, model, model.vocab, reference is not None, log)
+    fitted = None
+    if fit_refiner and not opts.refine:
+        raise UserError("--fit_refiner with --refine False: there is no refiner to train")
+    if opts.refine and not fit_refiner:
+        fitted, timing["refiner"] = load_refiner(opts, model, model.vocab, reference is not None)
+        if opts.progress and shard.main and fitted is None and opts.refiner_model == "auto":
+            print(f"refiner: {timing['refiner']}; it is saved to {refiner_path(opts)} for the next export",
+                  flush=True)
     todo = items if fit_refiner else [it for it in items if opts.overwrite or not it.out.is_file()]
     shard.barrier()  # every process has seen what is already written before rank 0 cleans up
     if shard.main and not fit_refiner:
@@ -749,7 +754,7 @@ def export_corpus(opts: ExportOptions, fit_refiner: bool = False) -> dict:
             raise UserError(f"{opts.labelled}: none of its {len(reference)} row(s) is in {opts.corpus}'s metadata; "
                             f"name them by rel_path (e.g. {first[0].rel if first else 'voice/utt'})")
     plots_left = opts.plots if shard.main and not fit_refiner else 0
-    models = {} if fit_refiner else None
+    models = {} if fitted is None else None  # the models trained here (saved for the next export)
     refiner = Refinement(first, units, model.scorer, units.vocab, device, opts, timing, shard, fitted, models) \
         if refining else None
     # stored models align beside the first pass (one thread each: it hardly uses a second one on CPU)
@@ -799,13 +804,17 @@ def export_corpus(opts: ExportOptions, fit_refiner: bool = False) -> dict:
     refine_stats = refiner.apply(passed, labelled) if refiner is not None else None
     if not shard.main:
         return {}
-    if fit_refiner:
-        path = refiner_path(opts)
-        save_refiner(path, models, opts, model, units.vocab, len(passed), sum(a.item.duration_s for a in passed))
-        timing["seconds"] = round(time.time() - t0, 2)
-        return {"refiner": path, "rows": len(passed), "timing": timing}
     if refine_stats is not None:
-        refine_stats["refiner"] = refiner_info
+        path = refiner_path(opts)
+        if fitted is None and (fit_refiner or opts.refiner_model in ("auto", "fit")):
+            save_refiner(path, models, refine_stats, opts, model, units.vocab, len(passed),
+                         sum(a.item.duration_s for a in passed))
+            fitted = {"file": str(path), "corpus": str(opts.corpus), "rows": len(passed)}
+        refine_stats = {**refine_stats, "refiner": {"file": fitted["file"], "fitted_on": fitted["corpus"],
+                                                    "fitted_rows": fitted["rows"]}}
+    if fit_refiner:
+        timing["seconds"] = round(time.time() - t0, 2)
+        return {"refiner": refiner_path(opts), "rows": len(passed), "timing": timing}
     if not streaming and not collect:  # torchrun without refinement: rank 0 writes every row, in the plan's order
         _calibrate(in_batch_order, cal)
         audio_s += _write_all(in_batch_order, opts, align_file, results, failures)
@@ -862,7 +871,8 @@ class Refinement:
     with ``fusion_first_pass`` 0, a member), so the two share the cores. ``apply`` then moves each first-pass
     alignment to the refined boundaries. ``rows``: the items the first pass aligns (long rows' pieces included),
     in order; ``labelled[i]``: reference segments of row ``i``, whose boundaries become the refiner's training
-    labels for that row; ``fit_out``: a dict that receives the models trained here."""
+    labels for that row; ``fitted``: a stored refiner (``load_refiner``), ``fit_out``: a dict that receives the
+    models trained here."""
 
     def __init__(self, rows: list[Item], units, scorer, vocab, device: str, opts: ExportOptions, timing: dict,
                  shard: Shard, fitted: dict | None = None, fit_out: dict | None = None):
@@ -870,7 +880,8 @@ class Refinement:
 
         self.rows, self.vocab, self.device, self.opts, self.timing, self.shard = rows, vocab, device, opts, timing, \
             shard
-        self.fitted, self.fit_out, self.future, self.pool, self.helper = fitted, fit_out, None, None, None
+        self.stored, self.fit_out, self.future, self.pool, self.helper = fitted, fit_out, None, None, None
+        self.fitted = None if fitted is None else fitted["models"]
         self.cfg = dataclasses.replace(opts.refiner, precision=resolve_precision(opts.precision, device))
         edges = opts.edge_silence or scorer.edge_rows  # the units the first pass aligns (FirstPass.run)
         self.unit_ids = []
@@ -911,8 +922,8 @@ class Refinement:
         from common.refine import Helper
 
         if self.fitted is None or self.shard.world > 1 or self.opts.fusion_first_pass > 0 or \
-                not self.device.startswith("cpu"):
-            return False
+                self.cfg.rounds <= 0 or not self.device.startswith("cpu"):  # (without the classifier the first
+            return False  # pass's boundaries are the fallback of rows no HMM-GMM aligns)
         self.helper = Helper()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export-refiner")
         self.future = self.pool.submit(self._call, None, {}, 1)
@@ -947,6 +958,9 @@ class Refinement:
                      for i, ref in labelled.items()}
             ends, grid_s, confs, stats, members = self._call(first_ends, fixed)
         fits = stats.pop("row_fit", None) or [None] * len(passed)
+        if self.stored is not None:  # the training's stats, with what these rows give of the rest
+            stats = {**self.stored["stats"], **{k: stats[k] for k in ("hmm_tied_units", "closures_snapped")
+                                                if k in stats}}
         if opts.final_cap > 0:
             stats["final_capped"] = cap_final_phone([a.units for a in passed], ends, opts.final_cap, SILENCE_TOKENS)
         for i, (a, e, rc) in enumerate(zip(passed, ends, confs)):

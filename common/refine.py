@@ -482,10 +482,12 @@ def cap_final_phone(units: list[list[str]], ends: list[np.ndarray], k: float, si
     return changed
 
 
-def _hmm_units(unit_ids: list[list[int]], n_tokens: int, hmm, class_names: list[str] | None, tied=None):
+def _hmm_units(unit_ids: list[list[int]], n_tokens: int, hmm, class_names: list[str] | None, tied=None,
+               classes=None):
     """The HMM-GMMs' unit ids (``hmm.tie_min_count``: rare units tied to a frequent similar one; ``tied``: the
     tying of a stored fit, else worked out from these rows) and config (the context class of every unit when a
-    variant is context-dependent), stats and the tying (None without)."""
+    variant is context-dependent: ``classes``, else worked out from ``class_names``), stats and the tying (None
+    without)."""
     hmm_ids, stats = unit_ids, {}
     if hmm.tie_min_count > 0:  # rare units share the GMMs of a frequent unit with similar features
         if class_names is None:
@@ -504,7 +506,8 @@ def _hmm_units(unit_ids: list[list[int]], n_tokens: int, hmm, class_names: list[
             raise ValueError("context_min_count needs the token name of every class (class_names)")
         from common.phonology import context_class
 
-        hmm = dataclasses.replace(hmm, unit_classes=tuple(context_class(t) for t in class_names))
+        hmm = dataclasses.replace(hmm, unit_classes=tuple(int(c) for c in classes) if classes is not None else
+                                  tuple(context_class(t) for t in class_names))
     return hmm_ids, hmm, stats, tied
 
 
@@ -591,6 +594,8 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
     if fitted is not None and cfg.rounds > 0 and fitted.get("classifier") is None:
         raise ValueError("the stored refiner has no frame classifier: it was fitted with other settings")
     hmm_store = None if fit_out is None or not use_hmm else fit_out.setdefault("hmm", {})
+    # every class's manner class (common.phonology: PanPhon's table, ~2 s to read), stored with the models
+    stored_classes = None if fitted is None else fitted.get("classes")
 
     def hmm_units():
         """``_hmm_units``, worked out once by whichever job needs it first (the tying reads PanPhon's table: ~2 s
@@ -598,7 +603,7 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
         with units_lock:
             if not units_box:
                 units_box.append(_hmm_units(unit_ids, n_tokens, hmm, class_names,
-                                            None if fitted is None else fitted["hmm"]["tied"]))
+                                            None if fitted is None else fitted["hmm"]["tied"], stored_classes))
                 if hmm_store is not None:
                     hmm_store["tied"] = None if units_box[0][3] is None else units_box[0][3].tolist()
         return units_box[0]
@@ -739,7 +744,10 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
         raise ValueError("closure snapping needs the token name of every class (class_names)")
     from common.phonology import CONTEXT_CLASSES, context_class
 
-    kind = np.asarray([context_class(t) for t in class_names]) if class_names is not None else None
+    kind = np.asarray(stored_classes, dtype=np.int64) if stored_classes is not None else \
+        np.asarray([context_class(t) for t in class_names]) if class_names is not None else None
+    if fit_out is not None and kind is not None:
+        fit_out["classes"] = kind.tolist()
 
     def snapped(fused: list[np.ndarray]) -> tuple[list[np.ndarray], int]:
         """vowel|stop boundaries towards the closure landmark (a copy; unchanged without envelopes)."""

@@ -286,6 +286,7 @@ def test_two_exports_are_byte_identical_and_record_what_made_them(corpus_copy):
     assert rep["options"]["hmm_aligner"]["states"] == 3 and rep["phonemes"]["from"] == "run folder"
     timing = json.loads((corpus / "durations" / "export_timing.json").read_text())
     assert timing["realtime_factor"] > 0 and timing["first_pass_s"] > 0 and timing["refine_classifier_s"] > 0
+    assert timing["refiner"] == "stored"  # the first export trained the refiner and saved it for the second
 
 
 @pytest.mark.parametrize("refine", ["trained", "stored", "off"])
@@ -295,23 +296,39 @@ def test_two_process_export_writes_the_files_of_one_process(corpus_copy, tmp_pat
     one-process export's."""
     corpus, model = corpus_copy
     args = ["--no_mels", "--textgrid", "--overwrite", "--batch_seconds", "8", "--refine_rounds", "2", "--device",
-            "cpu", *(["--no_refine"] if refine == "off" else [])]
-    if refine == "stored":
-        shutil.copytree(model, tmp_path / "run")
-        model = tmp_path / "run"
-        export(corpus, model, *args, "--fit_refiner")
-    export(corpus, model, *args)
-    source = json.loads((corpus / "durations" / "export_report.json").read_text())["refine"]
-    assert refine == "off" and source is None or source["refiner"]["source"].startswith(
-        "stored" if refine == "stored" else "trained here")
+            "cpu", *({"off": ["--no_refine"], "trained": ["--refiner_model", "fit"]}.get(refine, []))]
+    export(corpus, model, *args)  # (stored: it trains the refiner and saves it; the 2 processes read it)
     single = _outputs(corpus)
     r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", EXPORT,
              "--corpus", corpus, "--model_dir", model, "--no_progress", *args], timeout=600)
     assert r.stdout.count("durations: ") == 1  # one summary, from rank 0
-    assert json.loads((corpus / "durations" / "export_timing.json").read_text())["processes"] == 2
+    timing = json.loads((corpus / "durations" / "export_timing.json").read_text())
+    assert timing["processes"] == 2 and timing.get("refiner") == {"off": None, "stored": "stored"}.get(
+        refine, "trained here (--refiner_model fit)")
     double = _outputs(corpus)
     assert single.keys() == double.keys() and len(single) > 2 * len(rows(corpus))
-    assert [str(k) for k in single if single[k] != double[k]] == []
+    stored = Path("durations") / "refiner.ckpt"  # trained by both: the same values (not bytes: a model shared
+    assert [str(k) for k in single if k != stored and single[k] != double[k]] == []  # between processes is a copy)
+    if refine != "off":
+        (tmp_path / "single.ckpt").write_bytes(single[stored])
+        _assert_same_values(torch.load(tmp_path / "single.ckpt", weights_only=True),
+                            torch.load(corpus / stored, weights_only=True))
+
+
+def _assert_same_values(a, b, where="refiner") -> None:
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_values(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for k, (x, y) in enumerate(zip(a, b)):
+            _assert_same_values(x, y, f"{where}[{k}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
 
 
 def test_a_moved_run_folder_needs_nothing_else(corpus_copy, tmp_path):
@@ -337,44 +354,46 @@ def test_a_moved_run_folder_needs_nothing_else(corpus_copy, tmp_path):
 
 
 def test_a_stored_refiner_aligns_as_the_one_trained_here_and_only_with_its_settings(corpus_copy, tmp_path):
-    """--fit_refiner trains the refiner on the corpus and saves RUN/refiner.pt (no durations written); an export
-    with the same refiner settings aligns with it (nothing trained) and writes the files an export that trains it
-    writes; other settings train it here with the reason in the report; a file named by --refiner_model must
-    match, and a broken one is a one-line error."""
+    """--fit_refiner trains the refiner on the corpus and saves CORPUS/durations/refiner.ckpt (no durations written);
+    an export with the same refiner settings aligns with it (nothing trained) and writes the files an export that
+    trains it writes; other settings train it here and say why; a file named by --refiner_model must match, and a
+    broken one is a one-line error."""
     corpus, model = corpus_copy
-    run_dir = tmp_path / "run"
-    shutil.copytree(model, run_dir)
     args = ["--no_mels", "--textgrid", "--overwrite", "--refine_rounds", "2", "--device", "cpu"]
-    export(corpus, run_dir, *args, "--refiner_model", "fit")
-    trained = _outputs(corpus)
-    shutil.rmtree(corpus / "durations")
-    r = export(corpus, run_dir, *[a for a in args if a != "--no_mels"], "--fit_refiner")  # no mels/ needed
-    assert f"refiner: trained on {len(rows(corpus))} rows" in r.stdout and not (corpus / "durations").exists()
-    stored = torch.load(run_dir / "refiner.pt", weights_only=True)
+    r = export(corpus, model, *[a for a in args if a != "--no_mels"], "--fit_refiner")  # no mels/ needed
+    stored_file = corpus / "durations" / "refiner.ckpt"
+    assert f"refiner: trained on {len(rows(corpus))} rows" in r.stdout
+    assert [p.name for p in (corpus / "durations").iterdir()] == ["refiner.ckpt"]
+    stored = torch.load(stored_file, weights_only=True)
     assert stored["rows"] == len(rows(corpus)) and stored["settings"]["refine_rounds"] == 2
-    assert set(stored["models"]) == {"classifier", "hmm", "detector"}
-    export(corpus, run_dir, *args)
-    rep = json.loads((corpus / "durations" / "export_report.json").read_text())
-    assert rep["refine"]["refiner"] == {"source": "stored", "file": str(run_dir / "refiner.pt"),
-                                        "fitted_on": str(corpus), "fitted_rows": len(rows(corpus))}
+    assert set(stored["models"]) == {"classifier", "hmm", "detector", "classes"}
+    export(corpus, model, *args)
     timing = json.loads((corpus / "durations" / "export_timing.json").read_text())
-    assert timing["refine_features_s"] > 0 and timing["refine_classifier_s"] > 0 and timing["hmm_applied_s"] > 0
-    applied = _outputs(corpus)
-    report = Path("durations") / "export_report.json"
-    assert applied.keys() == trained.keys()
-    assert [str(k) for k in trained if k != report and trained[k] != applied[k]] == []
-    # other refiner settings: trained here, and the report says why
-    export(corpus, run_dir, "--no_mels", "--overwrite", "--refine_rounds", "1", "--device", "cpu")
+    assert timing["refiner"] == "stored" and timing["refine_features_s"] > 0 and timing["hmm_applied_s"] > 0
     rep = json.loads((corpus / "durations" / "export_report.json").read_text())
-    assert rep["refine"]["refiner"]["source"].startswith("trained here") and "--refine_rounds" in \
-        rep["refine"]["refiner"]["source"] and len(rep["refine"]["rounds"]) == 1
-    # a file named must match (one-line errors, nothing written)
-    r = export(corpus, run_dir, "--no_mels", "--overwrite", "--refine_rounds", "1", "--refiner_model",
-               run_dir / "refiner.pt", check=False)
-    one_line_error(r, "refiner.pt", "--refine_rounds", "--fit_refiner")
+    assert rep["refine"]["refiner"] == {"file": str(stored_file), "fitted_on": str(corpus),
+                                        "fitted_rows": len(rows(corpus))}
+    assert len(rep["refine"]["rounds"]) == 2  # the training's stats
+    applied = _outputs(corpus)
+    export(corpus, model, *args, "--refiner_model", "fit")  # trained here (and saved again)
+    timing = json.loads((corpus / "durations" / "export_timing.json").read_text())
+    assert timing["refiner"] == "trained here (--refiner_model fit)" and "hmm_applied_s" not in timing
+    trained = _outputs(corpus)
+    report = Path("durations") / "export_report.json"  # it records --refiner_model
+    assert applied.keys() == trained.keys() and len(applied) > 2 * len(rows(corpus))
+    assert [str(k) for k in trained if k != report and trained[k] != applied[k]] == []
+    # other refiner settings: trained here, and the timing file says why
+    export(corpus, model, "--no_mels", "--overwrite", "--refine_rounds", "1", "--device", "cpu")
+    why = json.loads((corpus / "durations" / "export_timing.json").read_text())["refiner"]
+    assert why.startswith("trained here") and "--refine_rounds" in why
+    assert len(json.loads((corpus / "durations" / "export_report.json").read_text())["refine"]["rounds"]) == 1
+    # a file named must match (one-line errors)
+    r = export(corpus, model, "--no_mels", "--overwrite", "--refine_rounds", "2", "--refiner_model", stored_file,
+               check=False)
+    one_line_error(r, "refiner.ckpt", "--refine_rounds", "--fit_refiner")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    one_line_error(export(corpus, run_dir, "--no_mels", "--refiner_model", bad, check=False), "bad.pt",
+    one_line_error(export(corpus, model, "--no_mels", "--refiner_model", bad, check=False), "bad.pt",
                    "not a refiner file")
-    one_line_error(export(corpus, run_dir, "--no_mels", "--refiner_model", tmp_path / "none.pt", check=False),
+    one_line_error(export(corpus, model, "--no_mels", "--refiner_model", tmp_path / "none.pt", check=False),
                    "none.pt", "not found")

@@ -453,7 +453,8 @@ def test_a_stored_refiner_gives_the_boundaries_of_its_training_and_aligns_new_ro
         torch.set_num_threads(1)  # the thread counts of a training: the same float sums
         fit: dict = {}
         ends, _, confs, stats, named = refine(seen, fit_out=fit)
-        assert set(fit) == {"classifier", "hmm", "detector"} and fit["hmm"]["tied"] is not None
+        assert set(fit) == {"classifier", "hmm", "detector", "classes"} and fit["hmm"]["tied"] is not None
+        assert fit["classes"] == [1, 2, 3, 4, 5, 6]  # the manner classes: no phonology table to read again
         buf = io.BytesIO()
         torch.save(fit, buf)
         buf.seek(0)
@@ -477,3 +478,13 @@ def test_a_stored_refiner_gives_the_boundaries_of_its_training_and_aligns_new_ro
     assert longer and all(named_n["hmm_flat_start"][k] is None for k in longer)
     with pytest.raises(ValueError, match="need a refiner fitted here"):
         refine(seen, fitted=stored, fixed_ends_s={0: true_ends[0]})
+    # without the classifier (refine_rounds 0: the HMM-GMMs start from the first pass) the same holds
+    kw.update(detector=None)
+    ref = dataclasses.replace(ref, rounds=0)
+    fit = {}
+    ends = refine(seen, fit_out=fit)[0]
+    assert set(fit) == {"hmm", "classes"}
+    assert all(np.array_equal(a, b) for a, b in zip(ends, refine(seen, fitted=fit)[0]))
+    with pytest.raises(ValueError, match="no frame classifier"):
+        ref = dataclasses.replace(ref, rounds=1)
+        refine(seen, fitted=fit)
