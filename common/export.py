@@ -806,10 +806,13 @@ def export_corpus(opts: ExportOptions, fit_refiner: bool = False) -> dict:
         return {}
     if refine_stats is not None:
         path = refiner_path(opts)
-        if fitted is None and (fit_refiner or opts.refiner_model in ("auto", "fit")):
-            save_refiner(path, models, refine_stats, opts, model, units.vocab, len(passed),
-                         sum(a.item.duration_s for a in passed))
-            fitted = {"file": str(path), "corpus": str(opts.corpus), "rows": len(passed)}
+        if fitted is None:  # trained here: saved for the next export (one trained with --labelled rows only when
+            # asked for, --fit_refiner: they are this export's input, not the corpus')
+            saved = fit_refiner or (opts.refiner_model in ("auto", "fit") and not labelled)
+            if saved:
+                save_refiner(path, models, refine_stats, opts, model, units.vocab, len(passed),
+                             sum(a.item.duration_s for a in passed))
+            fitted = {"file": str(path) if saved else None, "corpus": str(opts.corpus), "rows": len(passed)}
         refine_stats = {**refine_stats, "refiner": {"file": fitted["file"], "fitted_on": fitted["corpus"],
                                                     "fitted_rows": fitted["rows"]}}
     if fit_refiner:

@@ -183,13 +183,17 @@ def test_calibrate_cli_and_calibrated_export(tiny_corpus, aligner_model, tmp_pat
     one_line_error(run([*export, "--calibration", cal, "--labelled", sub], check=False), "not both")
     one_line_error(run([*export, "--labelled", other], check=False), "none of its 1 row(s)")
 
-    # one step: the labelled rows train the refiner, then calibrate every row
+    # one step: the labelled rows train the refiner, then calibrate every row (that refiner is this export's
+    # alone: the one stored for the corpus stays)
+    stored = (corpus / "durations" / "refiner.ckpt").read_bytes()
     run([*export, "--labelled", sub])
+    assert (corpus / "durations" / "refiner.ckpt").read_bytes() == stored
     semi = _evaluate_subset(corpus, labelled, sub_records, labelled_error)
     print("labelled rows with --labelled:", semi["mean_ms"])
     assert semi["mean_ms"] < 0.9 * before["mean_ms"], (before, semi)
     rep = json.loads((corpus / "durations" / "export_report.json").read_text())
     assert rep["calibration"]["labelled_rows"] == len(labelled) and rep["refine"]["fixed_utts"] == len(labelled)
+    assert rep["refine"]["refiner"]["file"] is None
     saved = Calibration.load(corpus / "durations" / "calibration.json")
     assert saved.info["utterances"] == len(labelled) and saved.boundaries == rep["calibration"]["boundaries"]
     records = read_alignments(corpus / "durations" / "alignments.jsonl")
