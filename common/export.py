@@ -650,9 +650,10 @@ class FirstPass:
     batch, the indices of its items, their ``Alignment`` rows and their score matrices (for plots). A scorer with
     ``edge_rows`` (StyleTTS2: ``0`` tokens at both ends) always has both edge silence slots."""
 
-    def __init__(self, scorer, opts: ExportOptions, precision: str):
+    def __init__(self, scorer, opts: ExportOptions, precision: str, reader: bool = True):
         self.scorer, self.opts = scorer, opts
         self.use_amp = precision == "bf16"
+        self.reader = reader  # a DataLoader worker process reads the audio ahead (False: this thread reads it)
 
     def batches(self, items: list[Item]) -> list[list[int]]:
         """Length-sorted batches of item indices (the longest first), at most ``batch_seconds`` of padded audio."""
@@ -667,7 +668,7 @@ class FirstPass:
         loader = torch.utils.data.DataLoader(AudioDataset([it.wav for it in items], sc_.sample_rate,
                                                           [it.span for it in items]),
                                              batch_sampler=batches, collate_fn=_collate,
-                                             num_workers=1 if len(items) > 1 else 0)
+                                             num_workers=1 if len(items) > 1 and self.reader else 0)
         for idx, wavs, lens in loader:
             batch = [items[i] for i in idx]
             ctc_logp, attn, frame_lens = sc_.scores(wavs, lens, [it.ids for it in batch], o.scores != "ctc",
@@ -730,7 +731,7 @@ def export_corpus(opts: ExportOptions, fit_refiner: bool = False) -> dict:
         raise UserError("--fit_refiner with --refine False: there is no refiner to train")
     if opts.refine and not fit_refiner:
         fitted, timing["refiner"] = load_refiner(opts, model, model.vocab, reference is not None)
-        if opts.progress and shard.main and fitted is None and opts.refiner_model == "auto":
+        if opts.progress and shard.main and fitted is None and opts.refiner_model == "auto" and reference is None:
             print(f"refiner: {timing['refiner']}; it is saved to {refiner_path(opts)} for the next export",
                   flush=True)
     todo = items if fit_refiner else [it for it in items if opts.overwrite or not it.out.is_file()]
@@ -760,7 +761,8 @@ def export_corpus(opts: ExportOptions, fit_refiner: bool = False) -> dict:
     # stored models align beside the first pass (one thread each: it hardly uses a second one on CPU)
     early = refiner is not None and not labelled and refiner.start()
     previous = set_threads(1) if early else None
-    first_pass = FirstPass(model.scorer, opts, precision)
+    # (no reader process beside a running thread: a fork can copy a lock that thread holds and hang the child)
+    first_pass = FirstPass(model.scorer, opts, precision, reader=not early)
     batches = first_pass.batches(first)
     bar = tqdm(total=len(first), desc="export" if not collect else "first pass", unit="utt",
                disable=not (opts.progress and shard.main))
