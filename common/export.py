@@ -870,9 +870,9 @@ def export_corpus(opts: ExportOptions, fit_refiner: bool = False) -> dict:
 
 
 class Refinement:
-    """The refiner's run over the rows of an export (``common.refine.refine_boundaries``): ``run`` in this thread
-    after the first pass, or, with stored models (``fitted``) in one process, ``start`` it in a thread beside the
-    first pass: stored models need nothing from the first pass (its boundaries are neither a starting point nor,
+    """The refiner's run over the rows of an export (``common.refine.refine_boundaries``): in this thread after the
+    first pass (``apply`` runs it), or, with stored models (``fitted``) in one process, ``start`` it in a thread beside
+    the first pass: stored models need nothing from the first pass (its boundaries are neither a starting point nor,
     with ``fusion_first_pass`` 0, a member), so the two share the cores. ``apply`` then moves each first-pass
     alignment to the refined boundaries. ``rows``: the items the first pass aligns (long rows' pieces included),
     in order; ``labelled[i]``: reference segments of row ``i``, whose boundaries become the refiner's training
@@ -901,8 +901,6 @@ class Refinement:
 
         opts, cfg, vocab = self.opts, self.cfg, self.vocab
         if threads:  # a thread beside the first pass: its own thread count (torch's is per thread)
-            from common.mas import set_threads
-
             set_threads(threads)
         log = (lambda m: print(m, flush=True)) if opts.progress and self.shard.main else None
         index = getattr(vocab, "index", {})  # the units' silence classes: the edge slots' (blank) and pau's

@@ -799,14 +799,19 @@ def hmm_ensemble(bank: FeatureBank, durations: list[float], unit_ids: list[list[
                 first, first_prec = e, _precisions([sds[0]], floor)
             sets.append(e)
             stats["runs"].append(st)
-        ends = mean_ends(sets) if cfg.ensemble_weights == "mean" or None in sds else \
-            precision_mean_ends(sets, sds, floor)
+        ends = _combine(sets, sds, cfg.ensemble_weights, floor)
         init = ends  # a row no member aligned (None) is left out of later rounds
     if timing is not None:
         timing["seconds"] = round(time.time() - t0, 2)
     if fit_out is not None:
         fit_out.update(ensemble_state(cfg, init_ends_s is None, fits[0], fits[-len(members):]))
     return Ensemble(ends, first, row_fit, stats, _precisions(sds, floor), first_prec)
+
+
+def _combine(sets: list, sds: list, weights: str, floor_s: float) -> list:
+    """An ensemble's unit end times from its members' (``sets``, with posterior sds ``sds``): the plain mean, or
+    with ``weights`` "precision" (and every member's sds) the precision-weighted one."""
+    return mean_ends(sets) if weights == "mean" or None in sds else precision_mean_ends(sets, sds, floor_s)
 
 
 def ensemble_state(cfg: HMMConfig, flat: bool, first: HMMFit | None, last: list) -> dict:
@@ -839,17 +844,15 @@ def ensemble_jobs(state: dict, bank: FeatureBank, durations: list[float], unit_i
     others: any thread may run it), ``assemble(their results, in order)`` gives the ``Ensemble``."""
     members = [config_from_state(m) for m in state["members"]]
     floor = state["sd_floor_ms"] / 1000.0
-    alive, rows, first_rows = None, [], set()  # the rows the previous round aligned (any member); this round's,
-    for r in range(state["rounds"]):  # member by member; the first member's in the first round
-        rows = []
-        for m in members:
-            ok = set(fits_states(bank[m], unit_ids, m.states))
-            if r == 0 and state["flat"]:
-                ok = {i for i in ok if durations[i] <= m.flat_start_max_s}
-            rows.append(ok if alive is None else ok & alive)
-        if r == 0:
-            first_rows = rows[0]
+    fit_rows = [set(fits_states(bank[m], unit_ids, m.states)) for m in members]  # >= one frame per state
+    # the first round: a flat start only on rows up to flat_start_max_s; a later round: only on the rows an earlier
+    # round aligned (any member)
+    rows = [{i for i in ok if durations[i] <= m.flat_start_max_s} if state["flat"] else ok
+            for m, ok in zip(members, fit_rows)]
+    first_rows = rows[0]  # the first member's in the first round
+    for _ in range(1, state["rounds"]):
         alive = set().union(*rows)
+        rows = [ok & alive for ok in fit_rows]
     jobs, kinds = [], []
     if first and state["first"] is not None:
         fit = HMMFit.from_state(state["first"])
@@ -879,8 +882,7 @@ def ensemble_jobs(state: dict, bank: FeatureBank, durations: list[float], unit_i
             sds.append(st.get("boundary_sd"))
             if k == 0:
                 row_fit = st.get("row_fit", row_fit)
-        ends = mean_ends(sets) if state["ensemble_weights"] == "mean" or None in sds else \
-            precision_mean_ends(sets, sds, floor)
+        ends = _combine(sets, sds, state["ensemble_weights"], floor)
         stats = {"members": len(members), "rounds": state["rounds"], "applied": True}
         return Ensemble(ends, first_ends, row_fit, stats, _precisions(sds, floor), first_prec)
 

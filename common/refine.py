@@ -648,19 +648,16 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
     try:
         if cfg.rounds > 0:
             feats_c = None
-            if together:
+            if together or fitted is not None:  # (else ``refine`` reads the audio itself)
                 t = time.time()
                 feats_c = classifier_features(load, len(durations), cfg)
                 timing["refine_features_s"] = round(time.time() - t, 2)
+            if together:
                 # stored models need no alignment to start from: the flat-start one aligns in the worker while
                 # this thread runs the classifier and then the other one, each on the thread counts it trained on
                 start([flat] + ([from_first] if hmm_init == "first_pass" and fitted is None else []),
                       device == "cpu")
             if fitted is not None:  # the stored classifier aligns these rows
-                if feats_c is None:
-                    t = time.time()
-                    feats_c = classifier_features(load, len(durations), cfg)
-                    timing["refine_features_s"] = round(time.time() - t, 2)
                 t = time.time()
                 if use_det:
                     det_feats.extend(feats_c[0])
@@ -771,23 +768,19 @@ def refine_boundaries(load_wav, durations: list[float], unit_ids: list[list[int]
         for i, e in (fixed_ends_s or {}).items():  # hand-checked rows teach it the labeller's boundaries
             targets[i] = np.asarray(e, dtype=np.float64)
         classes = [kind[np.asarray(u, dtype=np.int64)] for u in unit_ids]
-        hop_s, losses = cfg.hop_ms / 1000.0, []
-        if fitted is not None:  # the stored detector
-            model = BoundaryDetector(len(CONTEXT_CLASSES), det_feats[0].shape[1], detector.channels).to(device)
-            model.load_state_dict(fitted["detector"])
-            model.eval()
-        elif shard.main:  # trained once (rank 0), then shared, as the classifier
+        hop_s, losses, state = cfg.hop_ms / 1000.0, [], None if fitted is None else fitted["detector"]
+        if fitted is None and shard.main:  # trained once (rank 0), then shared, as the classifier
             model, losses = train_detector(det_feats, classes, targets, len(CONTEXT_CLASSES), hop_s, detector,
                                            device, log)
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             if fit_out is not None:
-                fit_out["detector"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        if shard.world > 1 and fitted is None:
-            state, losses = shard.broadcast(({k: v.cpu() for k, v in model.state_dict().items()}, losses)
-                                            if shard.main else None)
-            if not shard.main:
-                model = BoundaryDetector(len(CONTEXT_CLASSES), det_feats[0].shape[1], detector.channels).to(device)
-                model.load_state_dict(state)
-                model.eval()
+                fit_out["detector"] = state
+        if fitted is None and shard.world > 1:
+            state, losses = shard.broadcast((state, losses) if shard.main else None)
+        if fitted is not None or not shard.main:  # the stored detector, or the one rank 0 trained
+            model = BoundaryDetector(len(CONTEXT_CLASSES), det_feats[0].shape[1], detector.channels).to(device)
+            model.load_state_dict(state)
+            model.eval()
         proposals = [m for w, m in members if not np.isscalar(w) or w > 0]
         found = detect(model, det_feats, classes, proposals, durations, hop_s, detector, device, shard)
         members.append((detector.weight, found))
