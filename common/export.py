@@ -101,6 +101,7 @@ class ExportOptions:
     flag_min_rows: int
     refine: bool
     refiner_model: str
+    light_first_pass: bool
     refine_rounds: int
     refine_minutes: float
     refine_max_train_hours: float
@@ -650,10 +651,15 @@ class FirstPass:
     batch, the indices of its items, their ``Alignment`` rows and their score matrices (for plots). A scorer with
     ``edge_rows`` (StyleTTS2: ``0`` tokens at both ends) always has both edge silence slots."""
 
-    def __init__(self, scorer, opts: ExportOptions, precision: str, reader: bool = True):
+    def __init__(self, scorer, opts: ExportOptions, precision: str, reader: bool = True, refined: bool = False,
+                 light: bool = False):
         self.scorer, self.opts = scorer, opts
         self.use_amp = precision == "bf16"
         self.reader = reader  # a DataLoader worker process reads the audio ahead (False: this thread reads it)
+        # refined: the refiner replaces these boundaries, so the per-token confidence is measured on the CTC
+        # scores' own MAS (the same whichever scores align); light: CTC scores only (no attention decoder), for a
+        # stored refiner, which needs nothing else from this pass
+        self.refined, self.kind = refined or light, "ctc" if light else opts.scores
 
     def batches(self, items: list[Item]) -> list[list[int]]:
         """Length-sorted batches of item indices (the longest first), at most ``batch_seconds`` of padded audio."""
@@ -671,17 +677,20 @@ class FirstPass:
                                              num_workers=1 if len(items) > 1 and self.reader else 0)
         for idx, wavs, lens in loader:
             batch = [items[i] for i in idx]
-            ctc_logp, attn, frame_lens = sc_.scores(wavs, lens, [it.ids for it in batch], o.scores != "ctc",
-                                                    self.use_amp)
-            units, scores, frames = A.align_batch(ctc_logp, attn, [it.tokens for it in batch],
-                                                  [it.ids for it in batch], frame_lens, o.scores, o.ctc_weight,
+            tokens, ids = [it.tokens for it in batch], [it.ids for it in batch]
+            ctc_logp, attn, frame_lens = sc_.scores(wavs, lens, ids, self.kind != "ctc", self.use_amp)
+            units, scores, frames = A.align_batch(ctc_logp, attn, tokens, ids, frame_lens, self.kind, o.ctc_weight,
                                                   blank, o.anchor, o.edge_silence, edge_rows)
+            conf_frames = frames
+            if self.refined and self.kind != "ctc":
+                conf_frames = A.align_batch(ctc_logp, None, tokens, ids, frame_lens, "ctc", o.ctc_weight, blank,
+                                            o.anchor, o.edge_silence, edge_rows)[2]
             rows = []
             for k, it in enumerate(batch):
                 ctc_k = ctc_logp[k, : frame_lens[k]].cpu()
                 u, lead, trail = units[k]
                 rows.append(Alignment(it, u, lead, trail, frames[k], sc_.hop_s,
-                                      A.token_confidence(ctc_k, it.ids, frames[k], lead, blank),
+                                      A.token_confidence(ctc_k, it.ids, conf_frames[k], lead, blank),
                                       greedy_per(ctc_k, it.ids, blank), ctc_gap=ctc_gap(ctc_k, it.ids, blank)))
             yield list(idx), rows, scores
 
@@ -762,7 +771,11 @@ def export_corpus(opts: ExportOptions, fit_refiner: bool = False) -> dict:
     early = refiner is not None and not labelled and refiner.start()
     previous = set_threads(1) if early else None
     # (no reader process beside a running thread: a fork can copy a lock that thread holds and hang the child)
-    first_pass = FirstPass(model.scorer, opts, precision, reader=not early)
+    # a stored refiner needs nothing from the first pass but its rows and their review figures: CTC scores do
+    light = refiner is not None and fitted is not None and refiner.light()
+    first_pass = FirstPass(model.scorer, opts, precision, reader=not early, refined=refiner is not None, light=light)
+    if light:
+        timing["first_pass_scores"] = "ctc (light_first_pass: the stored refiner replaces its boundaries)"
     batches = first_pass.batches(first)
     bar = tqdm(total=len(first), desc="export" if not collect else "first pass", unit="utt",
                disable=not (opts.progress and shard.main))
@@ -931,6 +944,14 @@ class Refinement:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export-refiner")
         self.future = self.pool.submit(self._call, None, {}, 1)
         return True
+
+    def light(self) -> bool:
+        """A first pass on CTC scores alone serves these stored models (``light_first_pass``): its boundaries are
+        neither a starting point nor a member (``fusion_first_pass`` 0), every row is refined (the classifier
+        aligns them all), and nothing shows the first pass's own boundaries (plots, ``dump_members``)."""
+        o = self.opts
+        return self.fitted is not None and o.light_first_pass and o.fusion_first_pass <= 0 and \
+            self.cfg.rounds > 0 and o.plots <= 0 and not o.dump_members
 
     def first_pass_done(self) -> None:
         if self.helper is not None:

@@ -287,6 +287,14 @@ def test_two_exports_are_byte_identical_and_record_what_made_them(corpus_copy):
     timing = json.loads((corpus / "durations" / "export_timing.json").read_text())
     assert timing["realtime_factor"] > 0 and timing["first_pass_s"] > 0 and timing["refine_classifier_s"] > 0
     assert timing["refiner"] == "stored"  # the first export trained the refiner and saved it for the second
+    assert timing["first_pass_scores"].startswith("ctc")  # ... whose first pass needs no attention decoder
+    # the full first pass beside the stored refiner: the same files (the report records the option)
+    export(corpus, model, *args, "--light_first_pass", "False")
+    full = _outputs(corpus)
+    timing = json.loads((corpus / "durations" / "export_timing.json").read_text())
+    assert timing["refiner"] == "stored" and "first_pass_scores" not in timing
+    report = Path("durations") / "export_report.json"
+    assert [str(k) for k in first if k != report and first[k] != full[k]] == []
 
 
 @pytest.mark.parametrize("refine", ["trained", "stored", "off"])
