@@ -11,7 +11,8 @@ only, ``--no_refine``), the neural refinement alone
 (``--hmm_weight 0``: it trains a frame classifier on the corpus) and the default (the refinement plus the two
 HMM-GMM passes: the accuracy mode) twice: a corpus' first export, which trains the refiner and stores it in
 ``CORPUS/durations/refiner.ckpt``, and the next ones, which align with it (the stored refiner is trained once
-here beforehand, untimed, with ``--fit_refiner``). The baseline in the same run is the per-utterance loop
+here beforehand, untimed, with ``--fit_refiner``; their first pass scores CTC alone, ``--light_first_pass``, and
+once more with the joint scores for comparison). The baseline in the same run is the per-utterance loop
 (``--batch_seconds`` of one utterance, fp32), so the ratio shows what batching and bf16 buy on this machine;
 the header names the precision ``auto`` resolved to.
 """
@@ -74,7 +75,9 @@ def main() -> int:
                                                                 hmm_weight=0.0)),
                ("default, a corpus' first export (trains)", dict(batch_seconds=200.0, scores="joint")),
                ("default, its next exports (stored refiner)", dict(batch_seconds=200.0, scores="joint",
-                                                                   refiner=stored))]
+                                                                   refiner=stored)),
+               ("  the same, joint first pass (no light pass)", dict(batch_seconds=200.0, scores="joint",
+                                                                    refiner=stored, light_first_pass=False))]
     base = None
     from common.export import resolve_precision
     print(f"device {a.device}; --precision auto -> {resolve_precision('auto', a.device)}")
