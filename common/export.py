@@ -649,7 +649,9 @@ class FirstPass:
     """A scorer's scores (``scores``: CTC, attention or joint; ``RecognizerScorer`` or StyleTTS2's), CTC anchoring and
     one batched MAS per length-sorted batch (audio read ahead by a DataLoader worker). ``run(items)`` yields, per
     batch, the indices of its items, their ``Alignment`` rows and their score matrices (for plots). A scorer with
-    ``edge_rows`` (StyleTTS2: ``0`` tokens at both ends) always has both edge silence slots."""
+    ``edge_rows`` (StyleTTS2: ``0`` tokens at both ends) always has both edge silence slots. ``refined``: each
+    token's confidence is measured on a MAS of the CTC scores (a second one when the pass aligns on other scores);
+    ``light``: the pass scores CTC alone (the refiner's stored models replace its boundaries)."""
 
     def __init__(self, scorer, opts: ExportOptions, precision: str, reader: bool = True, refined: bool = False,
                  light: bool = False):
