@@ -650,8 +650,9 @@ class FirstPass:
     one batched MAS per length-sorted batch (audio read ahead by a DataLoader worker). ``run(items)`` yields, per
     batch, the indices of its items, their ``Alignment`` rows and their score matrices (for plots). A scorer with
     ``edge_rows`` (StyleTTS2: ``0`` tokens at both ends) always has both edge silence slots. ``refined``: each
-    token's confidence is measured on a MAS of the CTC scores (a second one when the pass aligns on other scores);
-    ``light``: the pass scores CTC alone (the refiner's stored models replace its boundaries)."""
+    token's confidence is measured on a MAS of the CTC scores (a second one, with the same anchoring, when the pass
+    aligns on other scores); ``light``: the pass scores CTC alone (the refiner's stored models replace its
+    boundaries)."""
 
     def __init__(self, scorer, opts: ExportOptions, precision: str, reader: bool = True, refined: bool = False,
                  light: bool = False):
@@ -681,12 +682,10 @@ class FirstPass:
             batch = [items[i] for i in idx]
             tokens, ids = [it.tokens for it in batch], [it.ids for it in batch]
             ctc_logp, attn, frame_lens = sc_.scores(wavs, lens, ids, self.kind != "ctc", self.use_amp)
+            ctc_frames = [] if self.refined else None
             units, scores, frames = A.align_batch(ctc_logp, attn, tokens, ids, frame_lens, self.kind, o.ctc_weight,
-                                                  blank, o.anchor, o.edge_silence, edge_rows)
-            conf_frames = frames
-            if self.refined and self.kind != "ctc":
-                conf_frames = A.align_batch(ctc_logp, None, tokens, ids, frame_lens, "ctc", o.ctc_weight, blank,
-                                            o.anchor, o.edge_silence, edge_rows)[2]
+                                                  blank, o.anchor, o.edge_silence, edge_rows, ctc_frames)
+            conf_frames = frames if ctc_frames is None else ctc_frames
             rows = []
             for k, it in enumerate(batch):
                 ctc_k = ctc_logp[k, : frame_lens[k]].cpu()
@@ -774,7 +773,7 @@ def export_corpus(opts: ExportOptions, fit_refiner: bool = False) -> dict:
     previous = set_threads(1) if early else None
     # (no reader process beside a running thread: a fork can copy a lock that thread holds and hang the child)
     # a stored refiner needs nothing from the first pass but its rows and their review figures: CTC scores do
-    light = refiner is not None and fitted is not None and refiner.light()
+    light = refiner is not None and refiner.light()
     first_pass = FirstPass(model.scorer, opts, precision, reader=not early, refined=refiner is not None, light=light)
     if light:
         timing["first_pass_scores"] = "ctc (light_first_pass: the stored refiner replaces its boundaries)"

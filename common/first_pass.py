@@ -112,20 +112,27 @@ def anchor(score: torch.Tensor, spans: list[tuple[int, int]], lead: bool) -> tor
 
 def align_batch(ctc_logp: torch.Tensor, attn: torch.Tensor | None, tokens: list[list[str]], ids: list[list[int]],
                 frame_lens: list[int], kind: str, ctc_weight: float, blank_id: int = 0, anchor_ctc: bool = True,
-                edge_silence: bool = True, attn_edges: bool = False
+                edge_silence: bool = True, attn_edges: bool = False, ctc_out: list | None = None
                 ) -> tuple[list[tuple[list[str], bool, bool]], list[torch.Tensor], list[np.ndarray]]:
     """The first pass of a batch: per row (units, lead, trail), its [U', T] MAS scores and its frame counts.
-    ``ctc_logp`` [B, T, V]; ``attn`` [B, >=U, T] or None (``kind`` ctc)."""
-    units, scores = [], []
+    ``ctc_logp`` [B, T, V]; ``attn`` [B, >=U, T] or None (``kind`` ctc). ``ctc_out``: a list that receives each
+    row's frame counts from the CTC scores alone, with the same anchoring (with ``kind`` ctc: the frames above)."""
+    units, scores, ctc_scores = [], [], []
     for k, (tok, row_ids) in enumerate(zip(tokens, ids)):
         u, lead, trail = alignment_units(tok, edge_silence or attn_edges)
         units.append((u, lead, trail))
         ctc_k = ctc_logp[k, : frame_lens[k]]
         att_k = None if attn is None else attn[k, :, : frame_lens[k]]
-        sc = score_matrix(ctc_k, att_k, row_ids, lead, trail, kind, ctc_weight, blank_id, attn_edges)
         spans = ctc_emissions(ctc_k, row_ids, blank_id) if anchor_ctc else None
+        sc = score_matrix(ctc_k, att_k, row_ids, lead, trail, kind, ctc_weight, blank_id, attn_edges)
         scores.append(anchor(sc, spans, lead) if spans else sc)
-    return units, scores, mas_frames(scores, frame_lens)
+        if ctc_out is not None and kind != "ctc":
+            sc = score_matrix(ctc_k, None, row_ids, lead, trail, "ctc", ctc_weight, blank_id, attn_edges)
+            ctc_scores.append(anchor(sc, spans, lead) if spans else sc)
+    frames = mas_frames(scores, frame_lens)
+    if ctc_out is not None:
+        ctc_out.extend(mas_frames(ctc_scores, frame_lens) if ctc_scores else frames)
+    return units, scores, frames
 
 
 class BoundaryDrift:
